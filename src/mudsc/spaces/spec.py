@@ -1,0 +1,233 @@
+"""MergeSpec: the merge spaces of a model, a frozen value that every later stage reads.
+
+A *space* is a set of hidden units that must be reordered (or merged) together for the
+network to keep computing the same function.  Its *members* say which slices of which
+state-dict tensors index those units; its *taps* say where its features can be observed
+during a forward pass.  The spec is plain data: it round-trips through JSON, so a user can
+inspect, edit and pass it by hand.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import torch
+
+from mudsc.errors import MudscError
+
+Role = Literal["producer", "consumer", "ignored"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """A slice of one tensor axis whose positions are the units of a space.
+
+    Unit ``u`` of the space occupies positions ``start + u*inner ... start + (u+1)*inner - 1``
+    of ``axis`` (``inner > 1`` after flattening C x H x W into a Linear, for example).
+    ``per_group`` marks the input axis of a grouped convolution: the axis holds only one
+    group's units (``size // groups`` of them) and which group is decided by the
+    output-channel axis of the same tensor.
+    """
+
+    tensor: str
+    axis: int
+    start: int = 0
+    inner: int = 1
+    per_group: bool = False
+
+    def stop(self, size: int) -> int:
+        """End of the slice along ``axis`` for a space of ``size`` units."""
+        return self.start + size * self.inner
+
+
+@dataclass(frozen=True)
+class Tap:
+    """Where the features of a space are observed: a module's input or output.
+
+    The observed tensor has the space's units along ``axis`` at positions
+    ``start ... start + size - 1``; every other axis (batch, spatial, token) is an
+    observation.  ``project`` (a weight key and optional bias key with a row offset) is for
+    leaf modules that compute the space internally, e.g. ``nn.MultiheadAttention``'s
+    q/k: the observed feature is then ``F.linear(x, W[start:start+size], b[...])`` of the
+    tapped tensor ``x``.
+    """
+
+    module: str
+    side: Literal["input", "output"] = "input"
+    axis: int = 1
+    start: int = 0
+    arg: int = 0
+    project_weight: str | None = None
+    project_bias: str | None = None
+    project_start: int = 0
+
+
+@dataclass(frozen=True)
+class Space:
+    """One merge space: ``size`` units in ``groups`` equal blocks (heads, GN groups)."""
+
+    name: str
+    size: int
+    groups: int = 1
+    producers: tuple[Member, ...] = ()
+    consumers: tuple[Member, ...] = ()
+    ignored: tuple[Member, ...] = ()
+    taps: tuple[Tap, ...] = ()
+    fixed: bool = False
+    block_tie: str | None = None
+
+    @property
+    def group_size(self) -> int:
+        return self.size // self.groups
+
+    def members(self) -> Iterable[tuple[Role, Member]]:
+        """Every member with its role, producers first."""
+        for m in self.producers:
+            yield "producer", m
+        for m in self.ignored:
+            yield "ignored", m
+        for m in self.consumers:
+            yield "consumer", m
+
+
+@dataclass(frozen=True)
+class AxisUse:
+    """Inverse view of a member: tensor axis ``axis`` carries ``space`` in ``role``."""
+
+    space: str
+    role: Role
+    member: Member
+
+
+@dataclass(frozen=True)
+class MergeSpec:
+    """All spaces of one architecture plus the warnings raised while deriving them."""
+
+    spaces: tuple[Space, ...]
+    warnings: tuple[str, ...] = field(default=())
+
+    # -- lookup -----------------------------------------------------------------------
+    def space(self, name: str) -> Space:
+        for s in self.spaces:
+            if s.name == name:
+                return s
+        raise MudscError(f"no space named {name!r}; spaces: {[s.name for s in self.spaces]}")
+
+    @property
+    def mergeable(self) -> tuple[Space, ...]:
+        """The spaces a merge may permute or zip (every non-fixed one)."""
+        return tuple(s for s in self.spaces if not s.fixed)
+
+    def tensor_uses(self) -> dict[str, list[AxisUse]]:
+        """For every tensor, which of its axes belong to which space (non-fixed only)."""
+        uses: dict[str, list[AxisUse]] = {}
+        for s in self.mergeable:
+            for role, m in s.members():
+                uses.setdefault(m.tensor, []).append(AxisUse(s.name, role, m))
+        return uses
+
+    def tie_groups(self) -> dict[str, tuple[str, ...]]:
+        """Block-order ties: tie name -> names of the spaces that share one block order."""
+        ties: dict[str, list[str]] = {}
+        for s in self.mergeable:
+            if s.block_tie is not None:
+                ties.setdefault(s.block_tie, []).append(s.name)
+        return {k: tuple(v) for k, v in ties.items()}
+
+    # -- (de)serialisation ------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"spaces": [asdict(s) for s in self.spaces], "warnings": list(self.warnings)}
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> MergeSpec:
+        try:
+            spaces = tuple(
+                Space(
+                    name=s["name"],
+                    size=int(s["size"]),
+                    groups=int(s.get("groups", 1)),
+                    producers=tuple(Member(**m) for m in s.get("producers", ())),
+                    consumers=tuple(Member(**m) for m in s.get("consumers", ())),
+                    ignored=tuple(Member(**m) for m in s.get("ignored", ())),
+                    taps=tuple(Tap(**t) for t in s.get("taps", ())),
+                    fixed=bool(s.get("fixed", False)),
+                    block_tie=s.get("block_tie"),
+                )
+                for s in data["spaces"]
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MudscError(
+                f"malformed merge spec ({exc!r}); expected {{'spaces': [{{'name', 'size', "
+                "'groups', 'producers', 'consumers', 'taps', ...}}]}} as written by "
+                "`mudsc spec --json`"
+            ) from exc
+        for s in spaces:
+            if s.size <= 0 or s.groups <= 0 or s.size % s.groups:
+                raise MudscError(
+                    f"space {s.name!r}: size {s.size} must be a positive multiple of "
+                    f"groups {s.groups}"
+                )
+        return cls(spaces=spaces, warnings=tuple(data.get("warnings", ())))
+
+    @classmethod
+    def from_json(cls, text: str) -> MergeSpec:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MudscError(f"merge spec is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    # -- checks and display -----------------------------------------------------------
+    def validate(self, model_or_state: torch.nn.Module | Mapping[str, torch.Tensor]) -> None:
+        """Check that every member names an existing tensor whose axis fits the space."""
+        state = (
+            model_or_state.state_dict()
+            if isinstance(model_or_state, torch.nn.Module)
+            else model_or_state
+        )
+        for s in self.spaces:
+            for role, m in s.members():
+                where = f"space {s.name!r} ({role} {m.tensor}, axis {m.axis})"
+                if m.tensor not in state:
+                    raise MudscError(f"{where}: the model has no tensor {m.tensor!r}")
+                t = state[m.tensor]
+                if not -t.dim() <= m.axis < t.dim():
+                    raise MudscError(f"{where}: tensor has only {t.dim()} axes")
+                units = s.group_size if m.per_group else s.size
+                if m.stop(units) > t.shape[m.axis]:
+                    raise MudscError(
+                        f"{where}: needs positions {m.start}..{m.stop(units) - 1} "
+                        f"but the axis has length {t.shape[m.axis]}"
+                    )
+
+    def describe(self) -> str:
+        """A plain-text table: one row per space."""
+        rows = [("space", "size", "groups", "fixed", "producers", "consumers", "taps")]
+        for s in self.spaces:
+            rows.append(
+                (
+                    s.name,
+                    str(s.size),
+                    str(s.groups) + (f" tie:{s.block_tie}" if s.block_tie else ""),
+                    "yes" if s.fixed else "",
+                    ", ".join(_short(m) for m in s.producers) or "-",
+                    ", ".join(_short(m) for m in s.consumers) or "-",
+                    ", ".join(f"{t.module}:{t.side[:2]}" for t in s.taps) or "-",
+                )
+            )
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _short(m: Member) -> str:
+    text = f"{m.tensor}[{m.axis}]"
+    return text + (f"@{m.start}" if m.start else "")
