@@ -49,7 +49,8 @@ class Tap:
 
     The observed tensor has the space's units along ``axis`` at positions
     ``start ... start + size - 1``; every other axis (batch, spatial, token) is an
-    observation.  ``project`` (a weight key and optional bias key with a row offset) is for
+    observation (``inner > 1``: each unit spans ``inner`` consecutive positions, which are
+    observations too).  ``project`` (a weight key and optional bias key with a row offset) is for
     leaf modules that compute the space internally, e.g. ``nn.MultiheadAttention``'s
     q/k: the observed feature is then ``F.linear(x, W[start:start+size], b[...])`` of the
     tapped tensor ``x``.
@@ -59,6 +60,7 @@ class Tap:
     side: Literal["input", "output"] = "input"
     axis: int = 1
     start: int = 0
+    inner: int = 1
     arg: int = 0
     project_weight: str | None = None
     project_bias: str | None = None
