@@ -1,0 +1,23 @@
+"""Datasets, class splits, augmentation, batching: the only part of mudsc that reads data."""
+
+from mudsc.data.augment import augment, random_crop, random_hflip
+from mudsc.data.base import ImageDataset
+from mudsc.data.batches import calibration_batches, iterate_batches
+from mudsc.data.registry import ENV_VAR, dataset_names, load_dataset
+from mudsc.data.tasks import parse_classes, parse_split, split_classes, validate_classes
+
+__all__ = [
+    "ENV_VAR",
+    "ImageDataset",
+    "augment",
+    "calibration_batches",
+    "dataset_names",
+    "iterate_batches",
+    "load_dataset",
+    "parse_classes",
+    "parse_split",
+    "random_crop",
+    "random_hflip",
+    "split_classes",
+    "validate_classes",
+]

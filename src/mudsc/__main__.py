@@ -1,0 +1,5 @@
+"""``python -m mudsc`` runs the command line."""
+
+from mudsc.cli import app
+
+app()

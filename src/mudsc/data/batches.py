@@ -1,0 +1,86 @@
+"""Mini-batches from in-memory tensors: for training, evaluation and merge calibration."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from mudsc.data.augment import augment as augment_batch
+from mudsc.data.base import ImageDataset
+from mudsc.errors import MudscError
+
+
+def iterate_batches(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    shuffle: bool,
+    generator: torch.Generator | None = None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(transform(x), y)`` batches; the last batch may be smaller.
+
+    Shuffling needs an explicit generator so that every run is reproducible; arguments
+    are checked at the call, not at the first ``next``.
+    """
+    if batch_size <= 0:
+        raise MudscError(f"batch size must be positive, got {batch_size}")
+    if len(images) != len(labels):
+        raise MudscError(f"{len(images)} images but {len(labels)} labels")
+    if shuffle and generator is None:
+        raise MudscError("shuffling needs a seeded torch.Generator for reproducibility")
+    order = None
+    if shuffle:
+        order = torch.randperm(len(images), generator=generator, device=generator.device)
+    return _batches(images, labels, batch_size, order, transform)
+
+
+def _batches(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int,
+    order: torch.Tensor | None,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, len(images), batch_size):
+        if order is None:
+            x, y = images[start : start + batch_size], labels[start : start + batch_size]
+        else:
+            index = order[start : start + batch_size]
+            x, y = images[index.to(images.device)], labels[index.to(labels.device)]
+        yield (transform(x) if transform is not None else x), y
+
+
+def calibration_batches(
+    dataset: ImageDataset,
+    classes: Sequence[int],
+    n: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device | str,
+    augment: bool = False,
+) -> list[torch.Tensor]:
+    """``n`` normalised training images drawn (seeded) from the given classes, batched.
+
+    These feed the merge's activation statistics; labels are not needed. With ``augment``
+    the dataset's own crop/flip policy is applied after normalisation, so crop padding
+    takes the channel mean rather than black.
+    """
+    images, _ = dataset.subset(classes, split="train")
+    if not 0 < n <= len(images):
+        raise MudscError(
+            f"asked for {n} calibration images but classes {sorted(classes)} have "
+            f"{len(images)} training images; choose 1..{len(images)}"
+        )
+    if batch_size <= 0:
+        raise MudscError(f"batch size must be positive, got {batch_size}")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = images[torch.randperm(len(images), generator=generator)[:n]]
+    batches = []
+    for start in range(0, n, batch_size):
+        x = dataset.normalize(chosen[start : start + batch_size].to(device))
+        if augment:
+            x = augment_batch(x, dataset.crop_padding, dataset.hflip, generator)
+        batches.append(x)
+    return batches

@@ -1,0 +1,134 @@
+"""The paper's evaluation protocol (ALGORITHM.md section 8): joint, per-task and average accuracy.
+
+A single model (source or merged) is scored over the union of the tasks' classes; an
+ensemble lets each model score its own task's classes with softmax(100 cos) and the most
+confident model wins the joint prediction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from mudsc.errors import MudscError
+from mudsc.models.head import ClassEmbeddingHead
+
+ENSEMBLE_SCALE = 100.0
+
+
+@dataclass(frozen=True)
+class Report:
+    """Accuracies as fractions in [0, 1]."""
+
+    joint: float
+    per_task: tuple[float, ...]
+    avg: float
+    n_images: int
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["per_task"] = list(self.per_task)
+        return d
+
+
+@torch.no_grad()
+def embed(
+    model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device | str
+) -> torch.Tensor:
+    """Embeddings of ``images`` (already normalised floats), computed in batches, on CPU."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = [
+            model(images[i : i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(images), batch_size)
+        ]
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def _check_tasks(tasks: Sequence[Sequence[int]], head: ClassEmbeddingHead) -> list[list[int]]:
+    tasks = [sorted(int(c) for c in t) for t in tasks]
+    if not tasks or any(not t for t in tasks):
+        raise MudscError("evaluation needs at least one non-empty task (a list of class ids)")
+    flat = [c for t in tasks for c in t]
+    if len(set(flat)) != len(flat):
+        raise MudscError(f"tasks overlap: {tasks}; each class may belong to one task only")
+    bad = [c for c in flat if not 0 <= c < head.num_classes]
+    if bad:
+        raise MudscError(f"class ids {bad} are out of range 0..{head.num_classes - 1}")
+    return tasks
+
+
+def evaluate_embeddings(
+    embeddings: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    tasks: Sequence[Sequence[int]],
+    head: ClassEmbeddingHead,
+) -> Report:
+    """Score precomputed embeddings: one tensor = one model, several = an ensemble."""
+    tasks = _check_tasks(tasks, head)
+    if len(embeddings) > 1 and len(embeddings) != len(tasks):
+        raise MudscError(
+            f"an ensemble of {len(embeddings)} models needs one task per model, got {len(tasks)}"
+        )
+    head = head.to("cpu")
+    union = sorted(c for t in tasks for c in t)
+    keep = torch.isin(labels, torch.tensor(union))
+    labels = labels[keep]
+    embeddings = [e[keep] for e in embeddings]
+    if len(labels) == 0:
+        raise MudscError(f"no test images of the classes {union}")
+
+    if len(embeddings) == 1:
+        logits = head(embeddings[0], union)
+        joint_pred = torch.tensor(union)[logits.argmax(dim=1)]
+    else:
+        best = torch.full((len(labels),), -1.0)
+        joint_pred = torch.zeros(len(labels), dtype=torch.long)
+        for emb, task in zip(embeddings, tasks, strict=True):
+            prob = head(emb, task, scale=ENSEMBLE_SCALE).softmax(dim=1)
+            conf, idx = prob.max(dim=1)
+            better = conf > best
+            best = torch.where(better, conf, best)
+            joint_pred = torch.where(better, torch.tensor(task)[idx], joint_pred)
+    joint = (joint_pred == labels).float().mean().item()
+
+    per_task = []
+    for t, task in enumerate(tasks):
+        mask = torch.isin(labels, torch.tensor(task))
+        if not mask.any():
+            raise MudscError(f"no test images of task {t} (classes {task})")
+        emb = embeddings[0] if len(embeddings) == 1 else embeddings[t]
+        pred = torch.tensor(task)[head(emb[mask], task).argmax(dim=1)]
+        per_task.append((pred == labels[mask]).float().mean().item())
+    return Report(
+        joint=joint,
+        per_task=tuple(per_task),
+        avg=sum(per_task) / len(per_task),
+        n_images=len(labels),
+    )
+
+
+def evaluate(
+    models: nn.Module | Sequence[nn.Module],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    tasks: Sequence[Sequence[int]],
+    head: ClassEmbeddingHead,
+    device: torch.device | str = "cpu",
+    batch_size: int = 500,
+) -> Report:
+    """Joint / per-task / average accuracy of one model or an ensemble on normalised images.
+
+    For an ensemble, model ``m`` is the expert of ``tasks[m]``.
+    """
+    models = [models] if isinstance(models, nn.Module) else list(models)
+    if not models:
+        raise MudscError("evaluate needs at least one model")
+    embeddings = [embed(m, images, batch_size, device) for m in models]
+    return evaluate_embeddings(embeddings, labels, tasks, head)

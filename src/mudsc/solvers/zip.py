@@ -1,0 +1,189 @@
+"""Zip: ZipIt!'s greedy merging of the most similar clusters (ALGORITHM.md 4.2).
+
+The naive version recomputes a full argmax over the (N*n)^2 matrix at every step and
+copies or shrinks the matrix; this one keeps one working copy on the similarity's device,
+masks merged clusters with -inf, and caches every row's best legal partner so that a step
+only rescans the few rows whose best partner changed.  A step costs O(N*n) plus
+O(N*n) per stale row instead of O((N*n)^2).
+
+Rules (owner sets, not index ranges, decide what is legal):
+
+* the similarity of a merged cluster to any other is the minimum of its two parts'
+  (complete linkage), times ``a`` when ``a > 0``;
+* a merge of two clusters that both hold units of model m is a *within-model* merge for m
+  (for singletons: two units of the same model) and spends one unit of m's budget
+  floor(floor((N*n - n)/N) * b); a model with no budget left makes no more such merges
+  (a budget of 0 forbids them from the start);
+* with ``a <= 0`` no within-model merge is ever legal and similarities are not damped;
+* if no legal merge is left while merges are still needed (possible for N >= 3), the most
+  similar pair is merged anyway and a warning is logged: the solver never hangs.
+
+``value`` is the mean of the picked entries as the greedy saw them (complete linkage,
+with damping).  An asymmetric S is symmetrised as (S + S^T) / 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from mudsc.errors import MudscError
+from mudsc.solvers.align import check_similarity, match_from_labels
+from mudsc.solvers.match import Match
+
+log = logging.getLogger(__name__)
+
+_MAX_MODELS = 62  # owner sets are int64 bit masks
+_GRAIN = 32768  # elements: torch runs smaller CPU ops on one thread
+
+
+def check_zip_params(a: float, b: float, n_models: int) -> None:
+    """Reject damping/budget values that would make the greedy meaningless."""
+    if not math.isfinite(a):
+        raise MudscError(f"zip damping a must be a finite number, got {a!r}.")
+    if not math.isfinite(b) or b < 0:
+        raise MudscError(f"zip budget factor b must be a finite number >= 0, got {b!r}.")
+    if n_models > _MAX_MODELS:
+        raise MudscError(f"zip supports at most {_MAX_MODELS} models, got {n_models}.")
+
+
+def zip_budget(n: int, n_models: int, b: float) -> int:
+    """Within-model merges allowed per model: floor(floor((N*n - n)/N) * b)."""
+    return math.floor(((n_models * n - n) // n_models) * b + 1e-9)
+
+
+def zip_match(similarity: torch.Tensor, n_models: int, a: float = 0.5, b: float = 1.0) -> Match:
+    """Greedily merge the N*n units into n clusters (ZipIt!); see the module docstring."""
+    n = check_similarity(similarity, n_models)
+    check_zip_params(a, b, n_models)
+    owner = torch.arange(n_models, device=similarity.device).repeat_interleave(n)
+    labels, picked = zip_clusters(similarity, owner, n_models, n, a, zip_budget(n, n_models, b))
+    value = sum(picked) / len(picked) if picked else 0.0
+    return match_from_labels(labels, n, n_models, value)
+
+
+def zip_clusters(
+    similarity: torch.Tensor,
+    owner: torch.Tensor,
+    n_models: int,
+    n_out: int,
+    a: float,
+    budget: int,
+) -> tuple[torch.Tensor, list[float]]:
+    """Cluster the m units of ``similarity`` into ``n_out`` clusters.
+
+    ``owner[u]`` is the model of unit u.  Returns every unit's cluster (0..n_out-1,
+    clusters ordered by their lowest unit index) and the picked similarities.
+    The input is not modified.
+    """
+    m = similarity.shape[0]
+    device = similarity.device
+    neg = float("-inf")
+    work = (similarity.detach() + similarity.detach().T) / 2
+    work.fill_diagonal_(neg)
+
+    # Owner sets are bit masks.  ``tag`` is what the legality rule reads: with a <= 0 the
+    # owner set (no two clusters sharing a model may merge), else the owner set of *pure*
+    # (single-model) clusters and 0 for mixed ones (only pure-with-pure merges of one
+    # model are within-model).  A pair is illegal when tag[r] & tag[c] & forbid != 0.
+    own = [1 << k for k in owner.tolist()]
+    tag = torch.ones_like(owner).bitwise_left_shift(owner)
+    forbid = (1 << n_models) - 1 if a <= 0 or budget <= 0 else 0
+    spent = [0] * n_models
+    parent = list(range(m))
+
+    def best(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Best legal partner of each row (dead clusters are -inf in ``work``)."""
+        values = work.index_select(0, rows)
+        if forbid:
+            clash = (tag.index_select(0, rows)[:, None] & tag[None, :]).bitwise_and_(forbid)
+            values = values.masked_fill_(clash != 0, neg)
+        # argmax + gather: Tensor.max(dim=1) is pathologically slow on short CPU rows
+        args = values.argmax(dim=1)
+        return values.gather(1, args[:, None]).squeeze(1), args
+
+    def refresh(rows: torch.Tensor) -> None:
+        """Recompute the cached best partner of ``rows``, in slices small enough that
+        torch runs them on one thread (thread start-up dominates such small ops)."""
+        for start in range(0, rows.numel(), chunk):
+            part = rows[start : start + chunk]
+            rowmax[part], rowarg[part] = best(part)
+
+    rowmax = torch.empty(m, dtype=work.dtype, device=device)
+    rowarg = torch.empty(m, dtype=torch.long, device=device)
+    chunk = max(1, _GRAIN // m)
+    refresh(torch.arange(m, device=device))
+
+    picked: list[float] = []
+    forced = 0
+    for _ in range(m - n_out):
+        r = int(rowmax.argmax())
+        value = float(rowmax[r])
+        if value == neg:  # no legal pair left (a <= 0, N >= 3): least-bad illegal merge
+            r, c = divmod(int(work.argmax()), m)
+            value = float(work[r, c])
+            forced += 1
+        else:
+            c = int(rowarg[r])
+        i, j = min(r, c), max(r, c)
+        picked.append(value)
+        parent[j] = i
+
+        exhausted = 0
+        if a > 0 and own[i] == own[j] and _single(own[i]):
+            k = own[i].bit_length() - 1
+            spent[k] += 1
+            if spent[k] >= budget:
+                exhausted = own[i] & ~forbid
+        forbid |= exhausted
+        own[i] |= own[j]
+        tag_i = own[i] if a <= 0 or _single(own[i]) else 0
+        tag[i] = tag_i
+
+        merged = torch.minimum(work[i], work[j])
+        if a > 0:
+            merged.mul_(a)
+        work.select(0, i).copy_(merged)
+        work.select(1, i).copy_(merged)
+        work.select(0, j).fill_(neg)
+        work.select(1, j).fill_(neg)
+
+        # Rows whose cached partner was i or j may have lost it; i and j changed wholly;
+        # rows of a newly exhausted model lost their pure same-model partners.
+        stale = (rowarg == i).logical_or_(rowarg == j)
+        if exhausted:
+            stale.logical_or_(tag.bitwise_and(exhausted) != 0)
+        # Every other row's best can only change through its entry in column i.
+        if tag_i & forbid:
+            merged = merged.masked_fill(tag.bitwise_and(tag_i & forbid) != 0, neg)
+        better = merged > rowmax
+        rowmax = torch.where(better, merged, rowmax)
+        rowarg = torch.where(better, i, rowarg)
+        refresh(torch.cat([stale.nonzero().squeeze(1), rowarg.new_tensor([i, j])]))
+
+    if forced:
+        log.warning(
+            "zip: %d of %d merges had no legal partner left (a <= 0 with %d models) and "
+            "merged the most similar pair anyway, putting two units of one model together",
+            forced,
+            m - n_out,
+            n_models,
+        )
+    roots = [_root(parent, u) for u in range(m)]
+    _, labels = torch.unique(torch.tensor(roots, device=device), sorted=True, return_inverse=True)
+    return labels, picked
+
+
+def _single(mask: int) -> bool:
+    """Whether an owner bit mask names exactly one model."""
+    return mask & (mask - 1) == 0
+
+
+def _root(parent: list[int], u: int) -> int:
+    """The surviving cluster index of unit u (path-halving union-find lookup)."""
+    while parent[u] != u:
+        parent[u] = parent[parent[u]]
+        u = parent[u]
+    return u

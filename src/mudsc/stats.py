@@ -1,0 +1,402 @@
+"""Activation statistics per merge space (ALGORITHM.md 3.1): first and second moments.
+
+All models see the same calibration batches; the features each space's taps observe are
+stacked along channels (model 0's units first), every other axis being an observation.
+What is kept are sums (count, sum, sum of outer products), so batches and shards add up
+exactly: that is what lets the statistics be accumulated in pieces or all-reduced.
+
+Precision: the per-chunk products run in ``dtype`` (float32 by default: fast on every
+device) over at most ``CHUNK_ROWS`` observations and are added into float64
+accumulators.  The sums are taken about a fixed per-unit ``shift`` (the mean of the first
+chunk), so the cancellation in E[xx^T] - mu mu^T is governed by the spread of the features
+and not by their mean: a float32 run then matches a float64 run to ~1e-6 relative even for
+units whose mean is 100x their std (see tests/test_stats.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mudsc.errors import MudscError
+from mudsc.spaces.spec import MergeSpec, Space, Tap
+
+logger = logging.getLogger(__name__)
+
+CHUNK_ROWS = 4096
+"""Observations per float32 product before it is added to the float64 accumulator."""
+
+_DEAD_REL = 1e-12
+"""A unit whose variance is below this fraction of its squared mean is constant (dead)."""
+
+
+# -- moments --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpaceMoments:
+    """Streaming first and second moments of one space's stacked features (float64).
+
+    ``sum`` and ``sum_outer`` are sums of ``x - shift`` and of its outer products over
+    ``count`` observations; ``shift`` (default zero) only improves precision.
+    """
+
+    count: int
+    sum: Tensor
+    sum_outer: Tensor
+    n_models: int
+    shift: Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        """Units per model (n)."""
+        return self.sum.shape[0] // self.n_models
+
+    def _shift(self) -> Tensor:
+        return torch.zeros_like(self.sum) if self.shift is None else self.shift
+
+    def recentered(self, shift: Tensor) -> SpaceMoments:
+        """The same moments taken about another shift (exact up to float64 rounding).
+
+        Use it to give every shard one common shift before all-reducing the raw sums.
+        """
+        shift = shift.to(self.sum)
+        d = self._shift() - shift
+        s = self.sum
+        outer = self.sum_outer + torch.outer(d, s) + torch.outer(s, d)
+        outer = outer + self.count * torch.outer(d, d)
+        return SpaceMoments(self.count, s + self.count * d, outer, self.n_models, shift)
+
+    def merged(self, other: SpaceMoments) -> SpaceMoments:
+        """Moments of the union of both observation sets."""
+        if other.n_models != self.n_models or other.sum.shape != self.sum.shape:
+            raise MudscError(
+                f"cannot merge moments of {other.n_models} models x {other.size} units into "
+                f"moments of {self.n_models} models x {self.size} units"
+            )
+        other = other.to(self.sum.device).recentered(self._shift())
+        return SpaceMoments(
+            self.count + other.count,
+            self.sum + other.sum,
+            self.sum_outer + other.sum_outer,
+            self.n_models,
+            self.shift,
+        )
+
+    def to(self, device: torch.device | str) -> SpaceMoments:
+        shift = None if self.shift is None else self.shift.to(device)
+        return SpaceMoments(
+            self.count, self.sum.to(device), self.sum_outer.to(device), self.n_models, shift
+        )
+
+    def _check_count(self) -> None:
+        if self.count <= 0:
+            raise MudscError("these moments hold no observations; collect some data first")
+
+    def mean(self) -> Tensor:
+        """E[x], shape (N*n,)."""
+        self._check_count()
+        return self._shift() + self.sum / self.count
+
+    def covariance(self) -> Tensor:
+        """E[x x^T] - E[x] E[x]^T (population covariance), shape (N*n, N*n)."""
+        self._check_count()
+        m = self.sum / self.count
+        cov = self.sum_outer / self.count - torch.outer(m, m)
+        return (cov + cov.T) / 2
+
+    def correlation(self, eps: float = 1e-7) -> Tensor:
+        """Pearson correlation Sigma / max(sigma sigma^T, eps); dead units get 0 rows."""
+        return pearson(self.covariance(), self.mean(), eps)
+
+
+def pearson(cov: Tensor, mean: Tensor, eps: float) -> Tensor:
+    """Correlation from a covariance: cov / max(sigma sigma^T, eps), never NaN.
+
+    A unit whose variance is zero, or negligible against its squared mean (a constant
+    feature up to rounding), is dead: its row and column are 0.
+    """
+    var = cov.diagonal().clamp_min(0)
+    dead = var <= _DEAD_REL * mean.square()
+    sigma = var.sqrt()
+    corr = cov / torch.outer(sigma, sigma).clamp_min(eps)
+    corr = corr.masked_fill(dead[:, None] | dead[None, :], 0.0)
+    return corr.clamp(-1.0, 1.0)
+
+
+# -- accumulation ---------------------------------------------------------------------
+
+
+class _Accumulator:
+    """Float64 sums of one space, fed with per-model feature blocks of equal row count."""
+
+    def __init__(self, width: int, n_models: int, device: torch.device, dtype: torch.dtype):
+        self.n_models = n_models
+        self.dtype = dtype
+        self.count = 0
+        self.shift: Tensor | None = None
+        self.sum = torch.zeros(width, dtype=torch.float64, device=device)
+        self.sum_outer = torch.zeros(width, width, dtype=torch.float64, device=device)
+
+    def add(self, parts: Sequence[Tensor]) -> None:
+        rows = parts[0].shape[0]
+        for r in range(0, rows, CHUNK_ROWS):
+            x = torch.cat([p[r : r + CHUNK_ROWS] for p in parts], dim=1).to(self.dtype)
+            if self.shift is None:
+                self.shift = x.mean(dim=0)
+            x = x - self.shift
+            self.sum += x.sum(dim=0)
+            self.sum_outer += x.T @ x
+        self.count += rows
+
+    def moments(self) -> SpaceMoments:
+        shift = None if self.shift is None else self.shift.to(torch.float64)
+        return SpaceMoments(self.count, self.sum, self.sum_outer, self.n_models, shift)
+
+
+class _Recorder:
+    """Pairs the features of one tap call across models and feeds the accumulator.
+
+    Models run one after another on a batch; models 0..N-2 stash their features, the last
+    model's hook stacks them with its own and accumulates at once, so at most N-1 models'
+    features are held.  Calls are counted per tap, so a module called twice per forward
+    yields two observation sets, paired call by call.
+    """
+
+    def __init__(self, n_models: int, accumulators: Mapping[str, _Accumulator]):
+        self.n_models = n_models
+        self.acc = accumulators
+        self.stash: dict[tuple[str, int, int], list[Tensor]] = {}
+        self.calls: dict[tuple[int, str, int], int] = {}
+
+    def observe(self, model: int, space: str, tap: int, feats: Tensor) -> None:
+        call = self.calls.get((model, space, tap), 0)
+        self.calls[(model, space, tap)] = call + 1
+        key = (space, tap, call)
+        if model < self.n_models - 1:
+            self.stash.setdefault(key, []).append(feats)
+            return
+        parts = self.stash.pop(key, []) + [feats]
+        if len(parts) != self.n_models or any(p.shape != feats.shape for p in parts):
+            raise MudscError(
+                f"space {space!r}: tap {tap} saw different features in different models "
+                f"({[tuple(p.shape) for p in parts]}); merging needs models of one architecture"
+            )
+        self.acc[space].add(parts)
+
+    def end_batch(self) -> None:
+        if self.stash:
+            space, tap, _ = next(iter(self.stash))
+            raise MudscError(
+                f"space {space!r}: tap {tap} fired in some models but not in the last one; "
+                "merging needs models of one architecture"
+            )
+        self.calls.clear()
+
+
+def _features(x: Any, tap: Tap, n: int, proj: tuple[Tensor, Tensor | None] | None) -> Tensor:
+    """The tapped tensor -> (observations, n): units last, everything else flattened."""
+    if not isinstance(x, Tensor):
+        raise MudscError(f"tap at {tap.module!r} ({tap.side}) did not see a tensor")
+    axis = tap.axis % x.dim() if -x.dim() <= tap.axis < x.dim() else None
+    if axis is None:
+        raise MudscError(f"tap at {tap.module!r}: the tensor has no axis {tap.axis}")
+    if proj is not None:
+        weight, bias = proj
+        return F.linear(x.movedim(axis, -1).to(weight.dtype), weight, bias).reshape(-1, n)
+    stop = tap.start + n * tap.inner
+    if stop > x.shape[axis]:
+        raise MudscError(
+            f"tap at {tap.module!r}: needs positions {tap.start}..{stop - 1} of axis "
+            f"{tap.axis} but the tensor has shape {tuple(x.shape)}"
+        )
+    x = x.narrow(axis, tap.start, n * tap.inner).unflatten(axis, (n, tap.inner))
+    return x.movedim(axis, -1).reshape(-1, n)
+
+
+def _projection(model: nn.Module, tap: Tap, n: int, where: str) -> tuple[Tensor, Tensor | None]:
+    """Rows project_start..+n of the tap's projection weight and bias, from this model."""
+    if tap.project_weight is None:
+        raise MudscError(f"{where}: project_bias is set but project_weight is not")
+    if tap.start != 0 or tap.inner != 1:
+        raise MudscError(
+            f"{where}: a projected tap selects rows with project_start; start and inner "
+            "must stay 0 and 1"
+        )
+    state = model.state_dict()
+    out = []
+    for key in (tap.project_weight, tap.project_bias):
+        if key is None:
+            out.append(None)
+            continue
+        if key not in state:
+            raise MudscError(f"{where}: the model has no tensor {key!r} to project with")
+        t = state[key]
+        if t.shape[0] < tap.project_start + n:
+            raise MudscError(
+                f"{where}: {key!r} has {t.shape[0]} rows, the tap needs rows "
+                f"{tap.project_start}..{tap.project_start + n - 1}"
+            )
+        out.append(t[tap.project_start : tap.project_start + n])
+    return out[0], out[1]
+
+
+def _hook(recorder: _Recorder, model: int, space: Space, index: int, tap: Tap, proj) -> Callable:
+    def observe(x: Any) -> None:
+        recorder.observe(model, space.name, index, _features(x, tap, space.size, proj))
+
+    if tap.side == "input":
+
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            if tap.arg >= len(args):
+                raise MudscError(
+                    f"space {space.name!r}: tap at {tap.module!r} wants positional input "
+                    f"{tap.arg} but the module got {len(args)}"
+                )
+            observe(args[tap.arg])
+
+        return pre_hook
+
+    def post_hook(module: nn.Module, args: tuple, output: Any) -> None:
+        if isinstance(output, (tuple, list)):
+            output = output[tap.arg]
+        observe(output)
+
+    return post_hook
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    first = next(iter(list(model.parameters()) + list(model.buffers())), None)
+    return torch.device("cpu") if first is None else first.device
+
+
+def _check_device(models: Sequence[nn.Module], device: torch.device) -> None:
+    for i, model in enumerate(models):
+        for t in list(model.parameters()) + list(model.buffers()):
+            same = t.device.type == device.type and (
+                device.index is None or t.device.index == device.index
+            )
+            if not same:
+                raise MudscError(
+                    f"model {i} has tensors on {t.device} but statistics run on {device}; "
+                    "move the models there with model.to(device)"
+                )
+
+
+def _move(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _move(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _forward(model: nn.Module, batch: Any, device: torch.device) -> None:
+    """A batch is a tensor, an (input, label, ...) tuple/list, or a dict of keyword inputs."""
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise MudscError("a calibration batch is an empty tuple; pass (inputs, ...)")
+        batch = batch[0]
+    if isinstance(batch, Mapping):
+        model(**_move(batch, device))
+    else:
+        model(_move(batch, device))
+
+
+def _selected_spaces(spec: MergeSpec, spaces: Iterable[str] | None) -> list[Space]:
+    chosen = list(spec.mergeable) if spaces is None else [spec.space(n) for n in spaces]
+    for s in chosen:
+        if not s.taps:
+            raise MudscError(
+                f"space {s.name!r} has no tap, so its activations cannot be observed; add a "
+                "Tap to the spec or leave the space out with spaces=[...]"
+            )
+    return chosen
+
+
+def collect_moments(
+    models: Sequence[nn.Module],
+    spec: MergeSpec,
+    batches: Iterable[Any],
+    device: torch.device | str | None = None,
+    spaces: Iterable[str] | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, SpaceMoments]:
+    """Run every model on the same batches and return each space's stacked moments.
+
+    ``spaces`` defaults to every mergeable space (each needs a tap).  ``device`` defaults to
+    the first model's; the models must already be there, batches are moved there.  Models
+    run in eval mode without gradients; their modes are restored and every hook removed,
+    also on error.  One forward pass per model per batch.
+    """
+    models = list(models)
+    if not models:
+        raise MudscError("collect_moments needs at least one model")
+    dev = torch.device(device) if device is not None else _model_device(models[0])
+    _check_device(models, dev)
+    chosen = _selected_spaces(spec, spaces)
+    n_models = len(models)
+    accs = {s.name: _Accumulator(n_models * s.size, n_models, dev, dtype) for s in chosen}
+    recorder = _Recorder(n_models, accs)
+    modes = [[(m, m.training) for m in model.modules()] for model in models]
+    n_batches = 0
+    with ExitStack() as stack:
+        for i, model in enumerate(models):
+            for space in chosen:
+                for k, tap in enumerate(space.taps):
+                    where = f"space {space.name!r}, tap {k} ({tap.module!r})"
+                    try:
+                        module = model.get_submodule(tap.module)
+                    except AttributeError as exc:
+                        raise MudscError(f"{where}: model {i} has no such module") from exc
+                    proj = None
+                    if tap.project_weight is not None or tap.project_bias is not None:
+                        proj = _projection(model, tap, space.size, where)
+                    hook = _hook(recorder, i, space, k, tap, proj)
+                    handle = (
+                        module.register_forward_pre_hook(hook)
+                        if tap.side == "input"
+                        else module.register_forward_hook(hook)
+                    )
+                    stack.callback(handle.remove)
+        for model_modes in modes:
+            stack.callback(_restore_modes, model_modes)
+        for model in models:
+            model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                for model in models:
+                    _forward(model, batch, dev)
+                recorder.end_batch()
+                n_batches += 1
+    if n_batches == 0:
+        raise MudscError(
+            "no calibration data: the batches iterable is empty; pass at least one batch"
+        )
+    result = {}
+    for name, acc in accs.items():
+        if acc.count == 0:
+            raise MudscError(
+                f"space {name!r}: none of its taps fired during the forward passes; check "
+                "the taps' module paths"
+            )
+        if not (torch.isfinite(acc.sum).all() and torch.isfinite(acc.sum_outer).all()):
+            raise MudscError(
+                f"space {name!r}: its activations are not finite (NaN or inf) on the "
+                "calibration data; check the models' weights and the inputs"
+            )
+        result[name] = acc.moments()
+    logger.debug("collected moments of %d spaces over %d batches", len(result), n_batches)
+    return result
+
+
+def _restore_modes(modes: Sequence[tuple[nn.Module, bool]]) -> None:
+    for module, training in modes:
+        module.training = training
