@@ -53,7 +53,9 @@ def refuse_existing(path: str | Path, force: bool) -> None:
     """Fail before any work when ``path`` exists and the caller did not ask to replace it."""
     path = Path(path)
     if path.exists() and not force:
-        raise MudscError(f"{path} already exists; choose another output or pass --force to replace it")
+        raise MudscError(
+            f"{path} already exists; choose another output or pass --force to replace it"
+        )
 
 
 def atomic_directory(path: str | Path, force: bool, write: Any) -> Path:
@@ -115,7 +117,9 @@ def save_checkpoint(
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / MODEL_FILE))
         if head is not None:
-            save_file({"embeddings": head.embeddings.detach().cpu().contiguous()}, str(tmp / HEAD_FILE))
+            save_file(
+                {"embeddings": head.embeddings.detach().cpu().contiguous()}, str(tmp / HEAD_FILE)
+            )
         (tmp / CONFIG_FILE).write_text(json.dumps(full, indent=2, sort_keys=False))
 
     return atomic_directory(path, force, write)
@@ -133,7 +137,9 @@ def _read_state(file: Path) -> dict[str, torch.Tensor]:
         ) from exc
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
         raise MudscError(f"{file} does not hold a state dict of tensors")
     return dict(state)
 

@@ -58,7 +58,9 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError as exc:
         raise MudscError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MudscError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+        raise MudscError(
+            "--device cuda was asked for but no CUDA GPU is available; use --device cpu"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise MudscError("--device mps was asked for but MPS is not available; use --device cpu")
     return device
@@ -120,7 +122,9 @@ def _arch_args(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise MudscError(f"--arch-args must be a JSON object, e.g. '{{\"width\": 4}}': {exc}") from exc
+        raise MudscError(
+            f"--arch-args must be a JSON object, e.g. '{{\"width\": 4}}': {exc}"
+        ) from exc
     if not isinstance(value, dict):
         raise MudscError("--arch-args must be a JSON object, e.g. '{\"width\": 4}'")
     return value
@@ -220,8 +224,12 @@ def _tasks_option(text: str | None) -> list[list[int]] | None:
 @app.command("eval")
 @friendly
 def eval_command(
-    checkpoints: list[Path] = typer.Argument(..., help="One checkpoint, or several for an ensemble."),
-    dataset: str = typer.Option(None, help="Dataset (default: the one recorded in the checkpoint)."),
+    checkpoints: list[Path] = typer.Argument(
+        ..., help="One checkpoint, or several for an ensemble."
+    ),
+    dataset: str = typer.Option(
+        None, help="Dataset (default: the one recorded in the checkpoint)."
+    ),
     data_dir: Path = typer.Option(None),
     tasks: str = typer.Option(None, help="Tasks as class lists, e.g. '0,1,2;3,4,5'."),
     batch_size: int = typer.Option(500),
@@ -286,7 +294,9 @@ def spec(
         in_channels = model.config.get("in_channels", in_channels)
         image_size = model.config.get("image_size", image_size)
     else:
-        model = create(arch, in_channels=in_channels, image_size=image_size, **_arch_args(arch_args))
+        model = create(
+            arch, in_channels=in_channels, image_size=image_size, **_arch_args(arch_args)
+        )
     merge_spec = trace(model.eval(), torch.zeros(2, in_channels, image_size, image_size))
     if as_json:
         sys.stdout.write(merge_spec.to_json() + "\n")

@@ -52,7 +52,9 @@ class TrainConfig:
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise MudscError(f"invalid training settings: {', '.join(f'{k}={getattr(self, k)}' for k in bad)}")
+            raise MudscError(
+                f"invalid training settings: {', '.join(f'{k}={getattr(self, k)}' for k in bad)}"
+            )
 
 
 @dataclass
@@ -86,10 +88,16 @@ def train(
     """Train a fresh ``arch`` on the images of ``classes`` only; deterministic for a seed."""
     config = config or TrainConfig()
     classes = sorted(validate_classes(list(classes), dataset.num_classes))
-    arch_args = {"in_channels": dataset.in_channels, "image_size": dataset.image_size, **(arch_args or {})}
+    arch_args = {
+        "in_channels": dataset.in_channels,
+        "image_size": dataset.image_size,
+        **(arch_args or {}),
+    }
     arch_args.setdefault("embed_dim", head.dim)
     if arch_args["embed_dim"] != head.dim:
-        raise MudscError(f"embed_dim {arch_args['embed_dim']} must equal the head's dimension {head.dim}")
+        raise MudscError(
+            f"embed_dim {arch_args['embed_dim']} must equal the head's dimension {head.dim}"
+        )
 
     torch.manual_seed(config.seed)
     model = create(arch, **arch_args).to(device)
@@ -108,7 +116,10 @@ def train(
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
     optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        [
+            {"params": decay, "weight_decay": config.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
         lr=config.lr,
         momentum=config.momentum,
     )
