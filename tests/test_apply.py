@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from mudsc.apply import apply_matches, contract_axis, transform_state
 from mudsc.errors import MudscError
 from mudsc.solvers.match import Match, identity_match, match_from_unmerge
-from mudsc.spaces.spec import MergeSpec, Member, Space, Tap
+from mudsc.spaces.spec import Member, MergeSpec, Space, Tap
 
 # -- tiny models with hand-written specs ------------------------------------------------
 
@@ -253,7 +253,9 @@ def random_perms(spec: MergeSpec, seed: int) -> dict[str, Tensor]:
             block_order[key] = torch.randperm(s.groups, generator=g)
         pi = block_order[key]
         gs = s.group_size
-        perms[s.name] = torch.cat([pi[t] * gs + torch.randperm(gs, generator=g) for t in range(s.groups)])
+        perms[s.name] = torch.cat(
+            [pi[t] * gs + torch.randperm(gs, generator=g) for t in range(s.groups)]
+        )
     return perms
 
 
@@ -309,7 +311,9 @@ def perm_matrix(p: Tensor) -> Tensor:
 def true_matches(perms: dict[str, Tensor]) -> dict[str, Match]:
     """Matches that put [original, permuted copy] back in the original's order."""
     return {
-        name: match_from_unmerge(torch.cat([torch.eye(len(p), dtype=torch.float64), perm_matrix(p)]), 2, 1.0)
+        name: match_from_unmerge(
+            torch.cat([torch.eye(len(p), dtype=torch.float64), perm_matrix(p)]), 2, 1.0
+        )
         for name, p in perms.items()
     }
 
@@ -390,10 +394,13 @@ def test_zip_matches_follow_the_merge_formula() -> None:
     merged = apply_matches(spec, states, {"h1": m1, "h2": m2})
     w1 = torch.cat([s["fc1.weight"].double() for s in states])
     assert torch.allclose(merged["fc1.weight"].double(), m1.merge.T @ w1, atol=1e-6)
-    fc2 = sum(
-        (2 * m2.merge_of(i)).T @ s["fc2.weight"].double() @ m1.unmerge_of(i)
-        for i, s in enumerate(states)
-    ) / 2
+    fc2 = (
+        sum(
+            (2 * m2.merge_of(i)).T @ s["fc2.weight"].double() @ m1.unmerge_of(i)
+            for i, s in enumerate(states)
+        )
+        / 2
+    )
     assert torch.allclose(merged["fc2.weight"].double(), fc2, atol=1e-6)
     fc3 = sum(s["fc3.weight"].double() @ m2.unmerge_of(i) for i, s in enumerate(states)) / 2
     assert torch.allclose(merged["fc3.weight"].double(), fc3, atol=1e-6)

@@ -1,0 +1,232 @@
+"""Normalisation statistics after merging (ALGORITHM.md section 7).
+
+Averaging matched units shrinks activation variance layer after layer.  BatchNorm
+networks re-estimate their running statistics (one cumulative pass); networks without
+BatchNorm get REPAIR: every eligible layer's per-channel output mean and std are pulled
+to the average of the source units merged into it, and the correction is folded into that
+layer's weight and bias so the architecture is unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mudsc.errors import MudscError
+from mudsc.solvers.match import Match
+from mudsc.spaces.spec import MergeSpec
+
+log = logging.getLogger(__name__)
+
+REPAIR_MODES = ("auto", "bn", "repair", "none")
+_EPS = 1e-5
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CHANNEL_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm)
+_CHANNEL_LAST = (nn.Linear, nn.LayerNorm)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, _NORMS) for m in model.modules())
+
+
+def resolve_mode(mode: str, model: nn.Module) -> str:
+    """``auto`` -> BN reset where the model has BatchNorm, REPAIR otherwise."""
+    if mode not in REPAIR_MODES:
+        raise MudscError(f"unknown repair {mode!r}; valid: {', '.join(REPAIR_MODES)}")
+    if mode == "auto":
+        return "bn" if has_batchnorm(model) else "repair"
+    return mode
+
+
+def _forward_all(model: nn.Module, batches: Iterable[Tensor], device: torch.device | str) -> int:
+    count = 0
+    for x in batches:
+        model(x.to(device))
+        count += 1
+    if count == 0:
+        raise MudscError("normalisation repair needs calibration data, but none was given")
+    return count
+
+
+@torch.no_grad()
+def reset_batchnorm(
+    model: nn.Module, batches: Iterable[Tensor], device: torch.device | str
+) -> None:
+    """Re-estimate every BatchNorm's running statistics as a cumulative average (one pass)."""
+    norms = [m for m in model.modules() if isinstance(m, _NORMS)]
+    saved = [(m, m.momentum) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    model.train()
+    try:
+        _forward_all(model, batches, device)
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.eval()
+
+
+@dataclass
+class _Moments:
+    """Per-channel running sums of one layer's output."""
+
+    total: Tensor | None = None
+    squares: Tensor | None = None
+    count: int = 0
+
+    def add(self, y: Tensor, channel_last: bool) -> None:
+        y = y.detach().double()
+        y = y.movedim(-1 if channel_last else 1, -1).reshape(-1, y.shape[-1 if channel_last else 1])
+        s, q = y.sum(0), (y * y).sum(0)
+        self.total = s if self.total is None else self.total + s
+        self.squares = q if self.squares is None else self.squares + q
+        self.count += y.shape[0]
+
+    def mean_std(self) -> tuple[Tensor, Tensor]:
+        mean = self.total / self.count
+        var = (self.squares / self.count - mean * mean).clamp_min(0.0)
+        return mean, var.sqrt()
+
+
+def repair_layers(model: nn.Module, spec: MergeSpec) -> dict[str, list[tuple[str, int, int]]]:
+    """Layers REPAIR may correct: modules with weight and bias whose output rows lie in
+    non-fixed spaces; per layer, the (space, start, size) slices of its output channels."""
+    modules = dict(model.named_modules())
+    layers: dict[str, list[tuple[str, int, int]]] = {}
+    for space in spec.mergeable:
+        for member in space.producers:
+            path, _, leaf = member.tensor.rpartition(".")
+            mod = modules.get(path)
+            if leaf != "weight" or member.axis != 0 or member.inner != 1:
+                continue
+            if not isinstance(mod, _CHANNEL_FIRST + _CHANNEL_LAST) or mod.bias is None:
+                continue
+            layers.setdefault(path, []).append((space.name, member.start, space.size))
+    return layers
+
+
+def _channel_last(mod: nn.Module) -> bool:
+    return isinstance(mod, _CHANNEL_LAST)
+
+
+def _measure(
+    model: nn.Module,
+    layers: Iterable[str],
+    batches: Sequence[Tensor],
+    device: torch.device | str,
+) -> dict[str, _Moments]:
+    modules = dict(model.named_modules())
+    stats = {name: _Moments() for name in layers}
+    handles = [
+        modules[name].register_forward_hook(
+            lambda mod, _inp, out, s=stats[name]: s.add(out, _channel_last(mod))
+        )
+        for name in stats
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _forward_all(model, batches, device)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return stats
+
+
+def _targets(
+    layer_slices: list[tuple[str, int, int]],
+    source_stats: Sequence[tuple[Tensor, Tensor]],
+    matches: Mapping[str, Match],
+    channels: int,
+) -> tuple[Tensor, Tensor]:
+    """Per merged channel: M-weighted average of the source units' means and stds."""
+    mean = torch.zeros(channels, dtype=torch.float64)
+    std = torch.zeros(channels, dtype=torch.float64)
+    covered = torch.zeros(channels, dtype=torch.bool)
+    for space, start, size in layer_slices:
+        match = matches[space]
+        for i, (mu, sd) in enumerate(source_stats):
+            m_i = match.merge_of(i).double().cpu()
+            mean[start : start + size] += mu[start : start + size].cpu() @ m_i
+            std[start : start + size] += sd[start : start + size].cpu() @ m_i
+        covered[start : start + size] = True
+    rest = ~covered
+    if rest.any():
+        mean[rest] = torch.stack([mu.cpu() for mu, _ in source_stats]).mean(0)[rest]
+        std[rest] = torch.stack([sd.cpu() for _, sd in source_stats]).mean(0)[rest]
+    return mean, std
+
+
+@torch.no_grad()
+def repair(
+    merged: nn.Module,
+    sources: Sequence[nn.Module],
+    spec: MergeSpec,
+    matches: Mapping[str, Match],
+    batches: Sequence[Tensor],
+    device: torch.device | str,
+) -> int:
+    """REPAIR: fold per-channel affine corrections into eligible layers; returns their count.
+
+    One pass over the data, BatchNorm-style: while measuring a layer's raw output, its
+    output is already corrected with the batch's own statistics, so later layers are
+    measured as they will be after folding.
+    """
+    layers = repair_layers(merged, spec)
+    if not layers:
+        log.info("REPAIR: no eligible layer (needs weight and bias on a merged space)")
+        return 0
+    source_stats = [_measure(src, layers, batches, device) for src in sources]
+    modules = dict(merged.named_modules())
+    targets = {}
+    for name, slices in layers.items():
+        mean, std = _targets(
+            slices,
+            [s[name].mean_std() for s in source_stats],
+            matches,
+            modules[name].weight.shape[0],
+        )
+        targets[name] = (mean.to(device), std.to(device))
+    raw = {name: _Moments() for name in layers}
+
+    def correct(name: str, mod: nn.Module, out: Tensor) -> Tensor:
+        last = _channel_last(mod)
+        raw[name].add(out, last)
+        dims = [d for d in range(out.dim()) if d != (out.dim() - 1 if last else 1)]
+        mean = out.mean(dim=dims, keepdim=True)
+        std = out.std(dim=dims, keepdim=True, unbiased=False).clamp_min(_EPS)
+        shape = [1] * out.dim()
+        shape[-1 if last else 1] = -1
+        t_mean, t_std = (t.to(out.dtype).view(shape) for t in targets[name])
+        return (out - mean) / std * t_std + t_mean
+
+    handles = [
+        modules[name].register_forward_hook(
+            lambda mod, _inp, out, name=name: correct(name, mod, out)
+        )
+        for name in layers
+    ]
+    merged.eval()
+    try:
+        _forward_all(merged, batches, device)
+    finally:
+        for h in handles:
+            h.remove()
+    for name in layers:
+        mod = modules[name]
+        now_mean, now_std = raw[name].mean_std()
+        t_mean, t_std = (t.double().cpu() for t in targets[name])
+        now_mean, now_std = now_mean.cpu(), now_std.cpu()
+        scale = torch.where(now_std > _EPS, t_std / now_std.clamp_min(_EPS), torch.ones_like(t_std))
+        shift = t_mean - scale * now_mean
+        w_shape = (-1,) + (1,) * (mod.weight.dim() - 1)
+        mod.weight.mul_(scale.to(mod.weight).view(w_shape))
+        mod.bias.mul_(scale.to(mod.bias)).add_(shift.to(mod.bias))
+    return len(layers)
