@@ -329,3 +329,105 @@ def demo(
         return
     console.print(report_table(result["title"], result["rows"]))
     console.print(f"total {time.perf_counter() - start:.1f} s")
+
+
+def _calibration(
+    data: Any, classes: list[int], size: int, batch_size: int, seed: int, holdout: float | None
+) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+    """Seeded calibration images from the tasks' training split, plus an optional
+    labelled held-out slice for scoring alpha."""
+    images, labels = data.subset(classes, split="train")
+    if not 0 < size <= len(images):
+        raise MudscError(
+            f"--calibration-size must be in 1..{len(images)} (training images of classes {classes})"
+        )
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:size]
+    x, y = data.normalize(images[order]), labels[order]
+    held = None
+    if holdout is not None:
+        cut = max(1, int(size * (1 - holdout)))
+        if cut >= size:
+            raise MudscError("--alpha auto needs a calibration set of at least 2 images")
+        x, y, held = x[:cut], y[:cut], (x[cut:], y[cut:])
+    return [x[i : i + batch_size] for i in range(0, len(x), batch_size)], held
+
+
+@app.command()
+@friendly
+def merge(
+    checkpoints: list[Path] = typer.Argument(..., help="Two or more source checkpoints."),
+    output: Path = typer.Option(..., "--output", "-o", help="Merged checkpoint directory."),
+    method: str = typer.Option(
+        "mudsc-zip", help="avg, rebasin, act-align, zipit, wzip, mudsc-align, mudsc-zip."
+    ),
+    alpha: str = typer.Option("0.5", help="Weight-space share in [0, 1], or 'auto' (grid search)."),
+    data: str = typer.Option(
+        None, "--data", help="Calibration dataset (default: the checkpoints')."
+    ),
+    data_dir: Path = typer.Option(None),
+    calibration_size: int = typer.Option(1000, help="Calibration images (labels unused)."),
+    batch_size: int = typer.Option(250),
+    seed: int = typer.Option(0),
+    repair_mode: str = typer.Option("auto", "--repair", help="auto, bn, repair or none."),
+    zip_a: float = typer.Option(0.5, help="Zip re-merge damping a."),
+    zip_b: float = typer.Option(1.0, help="Zip within-model budget share b."),
+    max_sweeps: int = typer.Option(100),
+    device: str = typer.Option("cpu"),
+    force: bool = typer.Option(False, help="Replace an existing output directory."),
+) -> None:
+    """Merge source checkpoints into one model and save it with its merge card."""
+    from mudsc.checkpoint import load_checkpoint, refuse_existing, save_checkpoint
+    from mudsc.data import load_dataset
+    from mudsc.evaluate import embed, evaluate_embeddings
+    from mudsc.merge import MergeConfig, merge_models
+
+    refuse_existing(output, force)
+    dev = resolve_device(device)
+    config = MergeConfig(
+        method=method, alpha=alpha, seed=seed, repair=repair_mode, zip_a=zip_a, zip_b=zip_b,
+        max_sweeps=max_sweeps, device=str(dev),
+    )  # fmt: skip
+    if len(checkpoints) < 2:
+        raise MudscError("merge needs at least two checkpoints")
+    loaded = [load_checkpoint(p, dev) for p in checkpoints]
+    name = data or loaded[0].dataset
+    if name is None:
+        raise MudscError("the checkpoints record no dataset; pass --data NAME for calibration")
+    tasks = [t for ck in loaded for t in ck.tasks]
+    dataset = load_dataset(name, data_dir)
+    classes = sorted({c for t in tasks for c in t}) or list(range(dataset.num_classes))
+    auto = config.preset.dual and config.alpha == "auto"
+    batches, held = _calibration(
+        dataset, classes, calibration_size, batch_size, seed, config.holdout if auto else None
+    )
+    head = loaded[0].head
+    score_fn = None
+    if held is not None and head is not None and tasks:
+
+        def score_fn(model: torch.nn.Module) -> float:
+            emb = embed(model, held[0], batch_size, dev)
+            return evaluate_embeddings([emb], held[1], tasks, head).avg
+
+    with progress_bar() as bar:
+        jobs: dict[str, Any] = {}
+
+        def step(stage: str, done: int, total: int) -> None:
+            if stage not in jobs:
+                jobs[stage] = bar.add_task(stage, total=total, info="")
+            bar.update(jobs[stage], completed=done)
+
+        result = merge_models([ck.model for ck in loaded], batches, config, score_fn=score_fn,
+                              progress=step)  # fmt: skip
+    card = result.card()
+    card["sources"] = [str(p) for p in checkpoints]
+    card["calibration"] = {"dataset": name, "images": calibration_size, "seed": seed}
+    if score_fn is not None:
+        card["alpha_score"] = "average per-task accuracy on a held-out labelled slice"
+    save_checkpoint(
+        output, result.model,
+        {"kind": "merge", "dataset": name, "tasks": tasks, "merge": card},
+        head, force=force,
+    )  # fmt: skip
+    timing = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+    chosen = "" if result.alpha is None else f", alpha {result.alpha:g}"
+    console.print(f"saved {output} ({method}{chosen}; {timing})")
