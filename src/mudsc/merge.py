@@ -281,6 +281,14 @@ class _Engine:
         self.n = len(models)
         self.units = _units(spec)
         self.progress = progress
+        self.assignment_seconds = 0.0
+
+    def _solve_timed(self, unit: Sequence[Space], sims: Sequence[Tensor]) -> list[Match]:
+        start = time.perf_counter()
+        try:
+            return _solve_unit(unit, sims, self.n, self.cfg)
+        finally:
+            self.assignment_seconds += time.perf_counter() - start
 
     def _similarity(self, space: Space, matches: Mapping[str, Match], alpha: float) -> Tensor:
         preset = self.cfg.preset
@@ -301,7 +309,7 @@ class _Engine:
             return matches
         for unit in self.units:
             sims = [self._similarity(sp, matches, 0.0) for sp in unit]
-            for sp, m in zip(unit, _solve_unit(unit, sims, self.n, self.cfg), strict=True):
+            for sp, m in zip(unit, self._solve_timed(unit, sims), strict=True):
                 matches[sp.name] = m
         return matches
 
@@ -316,7 +324,7 @@ class _Engine:
             for u in torch.randperm(len(self.units), generator=gen).tolist():
                 unit = self.units[u]
                 sims = [self._similarity(sp, matches, alpha) for sp in unit]
-                for sp, m in zip(unit, _solve_unit(unit, sims, self.n, cfg), strict=True):
+                for sp, m in zip(unit, self._solve_timed(unit, sims), strict=True):
                     matches[sp.name] = m
             score = sum(m.value for m in matches.values()) / max(len(matches), 1)
             if self.progress:
@@ -455,6 +463,7 @@ def merge_models(
             best = (score, merged, matches, alpha, sweeps)
     assert best is not None
     _, merged, matches, alpha, sweeps = best
+    timer.seconds["assignment"] = engine.assignment_seconds
     return MergeResult(
         model=merged,
         spec=spec,

@@ -1,0 +1,20 @@
+"""Merge spaces: the :class:`MergeSpec` contract and its automatic derivation by tracing."""
+
+from mudsc.spaces.rules import register_function_rule, register_method_rule, register_module_rule
+from mudsc.spaces.spec import AxisUse, Member, MergeSpec, Space, Tap
+from mudsc.spaces.trace import trace
+from mudsc.spaces.verify import permute_state, random_permutations
+
+__all__ = [
+    "AxisUse",
+    "MergeSpec",
+    "Member",
+    "Space",
+    "Tap",
+    "permute_state",
+    "random_permutations",
+    "register_function_rule",
+    "register_method_rule",
+    "register_module_rule",
+    "trace",
+]

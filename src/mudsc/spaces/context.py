@@ -172,11 +172,11 @@ class Ctx:
     def member(
         self, tensor: str, axis: int, layout: Layout, role: str, per_group: bool = False
     ) -> None:
-        self.records.members.append(
-            MemberRec(tensor, axis, layout, role, self.order, per_group)
-        )
+        self.records.members.append(MemberRec(tensor, axis, layout, role, self.order, per_group))
 
-    def tap(self, side: str, arg: int, axis: int, layout: Layout, kind: str, **project: Any) -> None:
+    def tap(
+        self, side: str, arg: int, axis: int, layout: Layout, kind: str, **project: Any
+    ) -> None:
         self.records.taps.append(
             TapRec(self.path, side, arg, axis, layout, kind, self.order, **project)
         )

@@ -67,9 +67,6 @@ class Atoms:
     def is_fixed(self, a: int) -> bool:
         return self.fixed[self.find(a)] is not None
 
-    def is_spatial(self, a: int) -> bool:
-        return self.spatial[self.find(a)]
-
     def seg_size(self, seg: Seg) -> int:
         return prod(self.size[self.find(a)] for a in seg)
 
@@ -171,19 +168,23 @@ class Atoms:
                 self._union_segs(a, b)
                 del xs[0], ys[0]
             elif na > nb:
-                xs[0:1] = self._cut(a, nb)
+                xs[0:1] = self.cut(a, nb)
             else:
-                ys[0:1] = self._cut(b, na)
+                ys[0:1] = self.cut(b, na)
 
-    def _leaf(self, a: int) -> int:
+    def leaf(self, a: int) -> int:
         r = self.find(a)
         if r in self.split:
             raise Unsplittable("an opaque (interleaved) class")
         return r
 
-    def _cut(self, seg: Seg, n: int) -> list[Seg]:
+    def cut(self, seg: Seg, n: int) -> list[Seg]:
         """Split a segment into a head of ``n`` positions and the rest (outer atom split)."""
-        head, rest = self._leaf(seg[0]), seg[1:]
+        if n % self.seg_size(seg[1:]) and all(self.is_fixed(a) for a in seg):
+            # Fixed classes are never permuted: fresh fixed pieces need no link back.
+            total = self.seg_size(seg)
+            return [(self.new(n, "cut fixed axis"),), (self.new(total - n, "cut fixed axis"),)]
+        head, rest = self.leaf(seg[0]), seg[1:]
         inner = self.seg_size(rest)
         if n % inner:
             raise Unsplittable("a cut inside a product of classes")
@@ -192,25 +193,20 @@ class Atoms:
         self.split[head] = ((first,), (second,))
         return [(first, *rest), (second, *rest)]
 
-    def refine_concat(self, a: int, sizes: list[int]) -> list[int]:
-        """Split a leaf class into consecutive parts of the given sizes."""
-        r = self._leaf(a)
-        parts = [self._child(r, s) for s in sizes]
-        self.split[r] = tuple((p,) for p in parts)
-        return parts
-
     def _union_segs(self, a: Seg, b: Seg) -> None:
-        sa = [self._leaf(x) for x in a if self.size[self.find(x)] > 1]
-        sb = [self._leaf(x) for x in b if self.size[self.find(x)] > 1]
+        sa = [self.leaf(x) for x in a if self.size[self.find(x)] > 1]
+        sb = [self.leaf(x) for x in b if self.size[self.find(x)] > 1]
         if [self.size[x] for x in sa] != [self.size[x] for x in sb]:
-            cuts = sorted(_cut_points(self, sa) | _cut_points(self, sb))
+            cuts = sorted(cut_points(self, sa) | cut_points(self, sb))
             if any(hi % lo for lo, hi in zip(cuts, cuts[1:], strict=False)):
+                if all(self.is_fixed(x) for x in sa + sb):
+                    return
                 raise Unsplittable("incompatible factorisations")
-            sa, sb = self._refine_to(sa, cuts), self._refine_to(sb, cuts)
+            sa, sb = self.refine_to(sa, cuts), self.refine_to(sb, cuts)
         for x, y in zip(sa, sb, strict=True):
             self.union(x, y)
 
-    def _refine_to(self, seg: list[int], cuts: list[int]) -> list[int]:
+    def refine_to(self, seg: list[int], cuts: list[int]) -> list[int]:
         """Refine each atom of a segment so its radix boundaries include ``cuts``."""
         out: list[int] = []
         inner = 1
@@ -232,7 +228,7 @@ class Atoms:
         return out
 
 
-def _cut_points(atoms: Atoms, seg: list[int]) -> set[int]:
+def cut_points(atoms: Atoms, seg: list[int]) -> set[int]:
     points, inner = set(), 1
     for a in reversed(seg):
         inner *= atoms.size[a]

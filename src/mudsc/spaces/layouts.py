@@ -7,10 +7,9 @@ the result cannot be expressed, in which case the op is treated as unsupported.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from math import prod
 
 from mudsc.spaces.context import Ctx, Stacked, TDims
-from mudsc.spaces.graph import Layout, Seg, Unsplittable, _cut_points
+from mudsc.spaces.graph import Layout, Seg, Unsplittable, cut_points
 
 
 def elementwise(ctx: Ctx, inputs: Sequence[TDims | None], shape: tuple[int, ...]) -> TDims:
@@ -51,10 +50,14 @@ def factor(ctx: Ctx, seg: Seg, inner: int) -> tuple[Seg, Seg]:
     size = atoms.seg_size(tuple(leaves))
     if size % inner:
         raise Unsplittable("a reshape that does not divide a dimension")
-    cuts = sorted(_cut_points(atoms, leaves) | {inner})
+    cuts = sorted(cut_points(atoms, leaves) | {inner})
     if any(hi % lo for lo, hi in zip(cuts, cuts[1:], strict=False)):
-        raise Unsplittable("a reshape across incompatible factors")
-    leaves = atoms._refine_to([atoms._leaf(a) for a in leaves], cuts)
+        if not all(atoms.is_fixed(a) for a in leaves):
+            raise Unsplittable("a reshape across incompatible factors")
+        # Fixed classes are never permuted: fresh fixed factors need no link back.
+        outer = atoms.new(size // inner, "reshaped fixed axis") if size > inner else None
+        return ((outer,) if outer is not None else ()), (atoms.new(inner, "reshaped fixed axis"),)
+    leaves = atoms.refine_to([atoms.leaf(a) for a in leaves], cuts)
     acc = 1
     for i in range(len(leaves), -1, -1):
         if acc == inner:
@@ -93,7 +96,7 @@ def cut(ctx: Ctx, layout: Layout, sizes: Sequence[int]) -> list[Layout]:
                 raise Unsplittable("chunk sizes exceed the dimension")
             m = atoms.seg_size(segs[0])
             if m > n:
-                segs[0:1] = atoms._cut(segs[0], n)
+                segs[0:1] = atoms.cut(segs[0], n)
                 m = n
             chunk.append(segs.pop(0))
             n -= m
@@ -101,7 +104,9 @@ def cut(ctx: Ctx, layout: Layout, sizes: Sequence[int]) -> list[Layout]:
     return chunks
 
 
-def reshape(ctx: Ctx, td: TDims, shape: tuple[int, ...], stack: int | None = None) -> TDims | Stacked:
+def reshape(
+    ctx: Ctx, td: TDims, shape: tuple[int, ...], stack: int | None = None
+) -> TDims | Stacked:
     """Reshape by grouping dims with equal products; ``stack`` makes that out dim a Stacked."""
     src, dst = td.shape, tuple(shape)
     if 0 in src or 0 in dst:
@@ -201,7 +206,10 @@ def index(ctx: Ctx, td: TDims, items: tuple, shape: tuple[int, ...]) -> TDims:
             continue
         start, stop, step = it.indices(n)
         if step != 1:
-            raise Unsplittable("strided slicing")
+            if not all(ctx.atoms.is_fixed(a) for a in ctx.atoms.leaves(layout)):
+                raise Unsplittable("strided slicing of a merge space")
+            dims.append(ctx.atoms.layout(len(range(start, stop, step)), fixed="strided axis"))
+            continue
         stop = max(stop, start)
         if (start, stop) == (0, n):
             dims.append(layout)
@@ -267,9 +275,30 @@ def reduce(ctx: Ctx, td: TDims, axes: Sequence[int], keepdim: bool) -> TDims:
 
 
 def spatial_tail(ctx: Ctx, td: TDims, k: int, shape: tuple[int, ...]) -> TDims:
-    """Pooling, resizing, padding: leading dims kept, the last ``k`` dims new and fixed."""
+    """Pooling, resizing, padding: leading dims kept, the last ``k`` dims new and fixed.
+
+    The replaced input axes are fixed too: windows are order-sensitive along them.
+    """
     lead = len(shape) - k
     if lead != td.ndim - k or tuple(td.shape[:lead]) != tuple(shape[:lead]):
         raise Unsplittable("a spatial op that changes its leading dims")
+    for d in td.dims[lead:]:
+        ctx.atoms.fix_layout(d, "spatial axis")
     dims = list(td.dims[:lead]) + [ctx.fresh(n, spatial=True) for n in shape[lead:]]
+    return ctx.record(TDims(tuple(dims), tuple(shape)))
+
+
+def pad(ctx: Ctx, td: TDims, widths: Sequence[int], shape: tuple[int, ...]) -> TDims:
+    """Constant padding: each padded dim becomes (fixed padding | original | fixed padding)."""
+    dims = list(td.dims)
+    for i in range(len(widths) // 2):
+        before, after = widths[2 * i], widths[2 * i + 1]
+        axis = td.ndim - 1 - i
+        if before < 0 or after < 0:
+            raise Unsplittable("negative padding (cropping)")
+        pads = [
+            ctx.atoms.expand(ctx.atoms.layout(n, fixed="padding")) if n else ()
+            for n in (before, after)
+        ]
+        dims[axis] = pads[0] + ctx.atoms.expand(dims[axis]) + pads[1]
     return ctx.record(TDims(tuple(dims), tuple(shape)))

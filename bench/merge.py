@@ -1,0 +1,163 @@
+"""Merge benchmark: time per stage and peak memory, every method, several architectures.
+
+Each (architecture, method) runs in a fresh subprocess so that its peak resident memory is
+its own.  The "forward floor" is what a method cannot avoid: the plain forward passes it
+must make (N models over the calibration data for activation methods, the merged model
+once more for BatchNorm reset, N + 1 models for REPAIR) plus its assignment solves; the
+ratio total / floor says how much overhead the engine adds.
+
+    python bench/merge.py                       # ResNet-20 x1/x4/x8 and the ViT, all methods
+    python bench/merge.py --archs resnet20x8 --methods mudsc-zip --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ARCHS = {
+    "resnet20x1": ("resnet20", {"width": 1}),
+    "resnet20x4": ("resnet20", {"width": 4}),
+    "resnet20x8": ("resnet20", {"width": 8}),
+    "vit": ("vit", {}),
+}
+METHODS = ["avg", "rebasin", "act-align", "zipit", "wzip", "mudsc-align", "mudsc-zip"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_one(arch_key: str, method: str, images: int, batch: int, device: str, dtype: str) -> dict:
+    """Time one merge stage by stage; returns a JSON-ready row."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from mudsc.merge import MergeConfig, merge_models
+    from mudsc.models import create
+    from mudsc.repair import resolve_mode
+
+    dev = torch.device(device)
+    arch, args = ARCHS[arch_key]
+    models = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        models.append(create(arch, in_channels=1, image_size=28, **args).to(dev).eval())
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(batch, 1, 28, 28, generator=gen).to(dev) for _ in range(images // batch)]
+
+    autocast = dtype == "bf16"
+
+    def forward_all(ms: list[torch.nn.Module]) -> float:
+        _sync(dev)
+        start = time.perf_counter()
+        with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=autocast):
+            for m in ms:
+                for x in batches:
+                    m(x)
+        _sync(dev)
+        return time.perf_counter() - start
+
+    forward_all(models[:1])  # warm-up
+    one_model = forward_all(models[:1])
+    cfg = MergeConfig(method=method, alpha=0.5, device=device)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    _sync(dev)
+    start = time.perf_counter()
+    with torch.autocast(dev.type, torch.bfloat16, enabled=autocast):
+        result = merge_models(models, batches, cfg)
+    _sync(dev)
+    total = time.perf_counter() - start
+    preset = cfg.preset
+    mode = resolve_mode("auto", models[0])
+    passes = (2 if preset.activations else 0) + {"bn": 1, "repair": 3, "none": 0}[mode]
+    floor = passes * one_model + result.timings.get("assignment", 0.0)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if dev.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {
+        "arch": arch_key,
+        "method": method,
+        "images": images,
+        "device": device,
+        "dtype": dtype,
+        "total_s": total,
+        "forward_one_model_s": one_model,
+        "forward_passes": passes,
+        "floor_s": floor,
+        "ratio_to_floor": total / floor if floor > 0 else None,
+        "stats_over_forward": (
+            result.timings.get("statistics", 0.0) / (2 * one_model) if preset.activations else None
+        ),
+        "stages": result.timings,
+        "sweeps": result.sweeps,
+        "peak_mib": peak,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--archs", default=",".join(ARCHS))
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=250)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--out", default="bench/results/merge.json")
+    parser.add_argument("--one", nargs=2, metavar=("ARCH", "METHOD"), help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.one:
+        row = run_one(a.one[0], a.one[1], a.images, a.batch, a.device, a.dtype)
+        sys.stdout.write(json.dumps(row) + "\n")
+        return
+    rows = []
+    header = (
+        f"{'arch':<11} {'method':<12} {'total s':>8} {'floor s':>8} {'ratio':>6} "
+        f"{'stats/fw':>8} {'solve':>7} {'sweeps':>7} {'apply':>6} {'repair':>7} {'peak MiB':>9}"
+    )
+    print(header)
+    for arch in a.archs.split(","):
+        for method in a.methods.split(","):
+            cmd = [sys.executable, __file__, "--one", arch, method, "--images", str(a.images),
+                   "--batch", str(a.batch), "--device", a.device, "--dtype", a.dtype]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                print(f"{arch:<11} {method:<12} FAILED: {out.stderr.strip().splitlines()[-1:]}")
+                continue
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            st = row["stages"]
+            sf = row["stats_over_forward"]
+            print(
+                f"{arch:<11} {method:<12} {row['total_s']:8.2f} {row['floor_s']:8.2f} "
+                f"{row['ratio_to_floor'] or 0:6.2f} {'' if sf is None else f'{sf:.2f}':>8} "
+                f"{st.get('solve', 0):7.2f} {st.get('sweeps', 0):7.2f} {st.get('apply', 0):6.2f} "
+                f"{st.get('repair', 0):7.2f} {row['peak_mib']:9.0f}",
+                flush=True,
+            )
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": a.device,
+        "gpu": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else None,
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""``trace(model, example_input) -> MergeSpec``: merge spaces derived by torch.fx tracing.
+
+Steps: symbolic tracing (standard ``torch.nn`` modules and modules with a rule are
+leaves), one run on the example input to learn every shape, then every node's rule in
+graph order (see :mod:`mudsc.spaces.rules`), then :func:`mudsc.spaces.build.build`.
+Nodes without a rule are *unsupported*: the spaces they touch are fixed and reported in
+``spec.warnings``.  Finally the spec is checked numerically (``verify=True``).
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+import mudsc.spaces.functions  # noqa: F401  (registers the built-in function rules)
+import mudsc.spaces.modules  # noqa: F401  (registers the built-in module rules)
+from mudsc.errors import MudscError
+from mudsc.spaces.build import build
+from mudsc.spaces.context import Ctx, MemberRec, Meta, Records, Stacked, TDims, Value
+from mudsc.spaces.graph import Atoms, Layout
+from mudsc.spaces.rules import function_rule, method_rule, module_rule
+from mudsc.spaces.spec import MergeSpec
+from mudsc.spaces.verify import verify_spec
+
+log = logging.getLogger(__name__)
+
+_SHAPE_METHODS = {"size", "dim", "numel", "nelement", "get_device", "element_size", "ndimension"}
+_SHAPE_FUNCS = {builtins.getattr, builtins.len, builtins.isinstance}
+
+_HAND_SPEC = (
+    "Pass a spec by hand instead: dump one with `mudsc spec --arch <name> --json` (or "
+    "`MergeSpec.to_json()` of a similar traceable model), edit it, and call "
+    "`mudsc.merge(..., spec=MergeSpec.from_json(text))`."
+)
+
+
+def trace(model: nn.Module, example_input: Any, *, verify: bool = True) -> MergeSpec:
+    """Derive the merge spaces of ``model`` by tracing it on ``example_input``.
+
+    ``example_input`` is a tensor or a tuple of positional inputs (a small batch is
+    enough).  With ``verify`` the spec is checked by permuting a float64 copy of the model
+    at random; any space that breaks the output is fixed and reported.
+    """
+    inputs = example_input if isinstance(example_input, tuple | list) else (example_input,)
+    gm = _symbolic_trace(model)
+    metas = _shapes(gm, model, inputs)
+    analysis = _Analysis(model, gm, metas)
+    analysis.run()
+    spec = build(analysis.atoms, analysis.records)
+    if verify:
+        spec = verify_spec(model, spec, inputs)
+    return spec
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer whose leaves are standard torch.nn modules and modules with a rule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return module_rule(m) is not None or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                path = self.path_of_module(m)
+                self.failed_in = f"'{path or '<root>'}' ({type(m).__name__})"
+            raise
+
+
+def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        where = tracer.failed_in or f"'<root>' ({type(model).__name__})"
+        raise MudscError(
+            f"cannot trace {type(model).__name__} with torch.fx: {exc!s}.  The failure is in "
+            f"module {where}; data-dependent Python control flow (an `if`/`for` on tensor "
+            f"values) cannot be traced symbolically.  Rewrite that branch with tensor ops "
+            f"(torch.where), or register a rule for the module "
+            f"(mudsc.spaces.register_module_rule) so it is treated as a leaf.  " + _HAND_SPEC
+        ) from exc
+    return fx.GraphModule(model, graph)
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph once and keeps the shape (not the values) of every node's result."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False  # fx's own error decoration symbolises tracebacks: slow
+        self.meta: dict[fx.Node, Any] = {}
+        self.failed: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception:
+            self.failed = self.failed or n
+            raise
+        self.meta[n] = _summary(result)
+        return result
+
+
+def _summary(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return Meta(tuple(value.shape), value.dtype)
+    if isinstance(value, torch.Size):
+        return value
+    if isinstance(value, tuple | list):
+        return (
+            type(value)(_summary(v) for v in value)
+            if type(value) in (tuple, list)
+            else tuple(_summary(v) for v in value)
+        )
+    if isinstance(value, dict):
+        return {k: _summary(v) for k, v in value.items()}
+    return value
+
+
+def _shapes(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> dict[fx.Node, Any]:
+    """Shapes of every node on the example input, run in eval mode without side effects."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    recorder = _Recorder(gm)
+    try:
+        with torch.no_grad():
+            recorder.run(*inputs)
+    except Exception as exc:
+        node = recorder.failed
+        where = f" at '{_scope(node) or node.name}'" if node is not None else ""
+        raise MudscError(
+            f"running {type(model).__name__} on the example input failed{where}: {exc!s}.  "
+            f"Pass an example input the model accepts (a small batch of the real input shape)."
+        ) from exc
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    return recorder.meta
+
+
+def _tensors_in(value: Any) -> Iterable[TDims | Stacked]:
+    if isinstance(value, TDims | Stacked):
+        yield value
+    elif isinstance(value, tuple | list):
+        for v in value:
+            yield from _tensors_in(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors_in(v)
+    elif isinstance(value, slice):
+        yield from _tensors_in((value.start, value.stop, value.step))
+
+
+def _layouts(value: Any) -> list[Layout]:
+    out: list[Layout] = []
+    for t in _tensors_in(value):
+        parts = t.parts if isinstance(t, Stacked) else (t,)
+        for p in parts:
+            out.extend(p.dims)
+    return out
+
+
+def _has_tensor(meta: Any) -> bool:
+    if isinstance(meta, Meta):
+        return True
+    if isinstance(meta, tuple | list) and not isinstance(meta, torch.Size):
+        return any(_has_tensor(m) for m in meta)
+    if isinstance(meta, dict):
+        return any(_has_tensor(m) for m in meta.values())
+    return False
+
+
+def _scope(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return f"Tensor.{node.target}"
+    target = node.target
+    module = getattr(target, "__module__", None) or ""
+    name = getattr(target, "__name__", str(target))
+    if module in ("_operator", "operator"):
+        return f"operator.{name}"
+    if getattr(torch, name, None) is target:
+        return f"torch.{name}"
+    if getattr(torch.nn.functional, name, None) is target:
+        return f"torch.nn.functional.{name}"
+    return f"{module}.{name}" if module else name
+
+
+class _Analysis:
+    """Runs the rules over the graph, collecting atoms and records."""
+
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, metas: dict[fx.Node, Any]) -> None:
+        self.model, self.gm, self.metas = model, gm, metas
+        self.atoms, self.records = Atoms(), Records()
+        self.values: dict[fx.Node, Value] = {}
+        self.dependent: set[fx.Node] = set()
+        self.state = set(model.state_dict().keys())
+        self.params: dict[str, TDims] = {}
+        self.param_order: dict[str, int] = {}
+
+    def run(self) -> None:
+        for order, node in enumerate(self.gm.graph.nodes):
+            meta = self.metas.get(node)
+            if node.op == "placeholder":
+                self.dependent.add(node)
+                self.values[node] = self._fixed_value(meta, "network input", origin="input")
+            elif node.op == "get_attr":
+                self.values[node] = self._attr(node, meta, order)
+            elif node.op == "output":
+                for layout in _layouts(self._resolve(node.args)):
+                    self.atoms.fix_layout(layout, "network output")
+                    for leaf in self.atoms.leaves(layout):
+                        self.atoms.origin[leaf] = "output"
+            else:
+                if any(a in self.dependent for a in node.all_input_nodes):
+                    self.dependent.add(node)
+                self.values[node] = self._apply(node, meta, order)
+        self._param_members()
+        self._tie_shared_axes()
+
+    # -- node kinds ---------------------------------------------------------------------
+    def _attr(self, node: fx.Node, meta: Any, order: int) -> Value:
+        if not isinstance(meta, Meta):
+            return None
+        name = str(node.target)
+        if name not in self.state:
+            return self._fixed_value(meta, f"constant tensor {name}")
+        if name not in self.params:
+            dims = tuple(self.atoms.layout(n) for n in meta.shape)
+            self.params[name] = TDims(dims, meta.shape, param=name)
+            self.records.tensors.append(dims)
+            self.param_order[name] = order
+        return self.params[name]
+
+    def _apply(self, node: fx.Node, meta: Any, order: int) -> Value:
+        args = self._resolve(node.args)
+        kwargs = self._resolve(node.kwargs)
+        has_in = any(True for _ in _tensors_in((args, kwargs)))
+        module = self.model.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if module is not None:
+            rule = module_rule(module)
+        elif node.op == "call_method":
+            rule = method_rule(str(node.target))
+        else:
+            rule = function_rule(node.target)
+        if not _has_tensor(meta):
+            shape_query = node.target in _SHAPE_METHODS or node.target in _SHAPE_FUNCS
+            if not has_in or shape_query:
+                return None
+            return self._unsupported(node, meta, args, kwargs, "returns a Python value")
+        if rule is None:
+            return self._unsupported(node, meta, args, kwargs, "")
+        mark = self.records.mark()
+        ctx = Ctx(
+            self.atoms, self.records, node, _scope(node), module, tuple(args), dict(kwargs),
+            meta, order, self.dependent,
+        )  # fmt: skip
+        try:
+            return rule(ctx)
+        except Exception as exc:  # a rule that cannot express the op: fix, never guess
+            self.records.rollback(mark)
+            log.debug("rule for %s failed", node.format_node(), exc_info=True)
+            return self._unsupported(node, meta, args, kwargs, str(exc))
+
+    def _unsupported(self, node: fx.Node, meta: Any, args: Any, kwargs: Any, why: str) -> Value:
+        touched = _layouts((args, kwargs))
+        if node.op == "call_module":
+            what = f"module {type(self.model.get_submodule(str(node.target))).__name__}"
+        else:
+            what = f"{node.op} {_op_name(node)}"
+        where = _scope(node) or "<root>"
+        message = f"{where}: unsupported {what}" + (f" ({why})" if why else "")
+        for layout in touched:
+            self.atoms.fix_layout(layout, message)
+        self.records.fixed_by.append((message, touched))
+        return self._fixed_value(meta, message)
+
+    # -- helpers ------------------------------------------------------------------------
+    def _resolve(self, value: Any) -> Any:
+        def one(n: fx.Node) -> Any:
+            v = self.values.get(n)
+            return v if v is not None else self.metas.get(n)
+
+        return fx.node.map_arg(value, one)
+
+    def _fixed_value(self, meta: Any, reason: str, origin: str | None = None) -> Value:
+        if isinstance(meta, Meta):
+            dims = tuple(self.atoms.layout(n, fixed=reason, origin=origin) for n in meta.shape)
+            return TDims(dims, meta.shape)
+        if isinstance(meta, tuple | list) and not isinstance(meta, torch.Size):
+            return tuple(self._fixed_value(m, reason, origin) for m in meta)
+        return None
+
+    def _param_members(self) -> None:
+        """Axes of parameters read directly (get_attr): producers unless contracted."""
+        consumed = set(self.records.consumed)
+        for name, td in self.params.items():
+            for axis, layout in enumerate(td.dims):
+                role = "consumer" if (name, axis) in consumed else "producer"
+                self.records.members.append(
+                    MemberRec(name, axis, layout, role, self.param_order[name])
+                )
+
+    def _tie_shared_axes(self) -> None:
+        """One tensor axis is one set of units: tie layouts recorded for it more than once
+        (a module called twice, a shared weight)."""
+        first: dict[tuple[str, int, bool], Layout] = {}
+        for rec in self.records.members:
+            key = (rec.tensor, rec.axis, rec.per_group)
+            if key not in first:
+                first[key] = rec.layout
+                continue
+            try:
+                self.atoms.union_layouts(first[key], rec.layout)
+            except Exception:
+                for layout in (first[key], rec.layout):
+                    self.atoms.fix_layout(layout, f"{rec.tensor} is shared inconsistently")
+                self.records.fixed_by.append(
+                    (f"{rec.tensor}: shared tensor used with incompatible layouts",
+                     [first[key], rec.layout])
+                )  # fmt: skip
