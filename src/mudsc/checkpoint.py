@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -66,6 +67,9 @@ def atomic_directory(path: str | Path, force: bool, write: Any) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -130,7 +134,10 @@ def _read_state(file: Path) -> dict[str, torch.Tensor]:
         if file.suffix == ".safetensors":
             return load_file(str(file))
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except (SafetensorError, OSError, RuntimeError, ValueError, EOFError) as exc:
+    except (
+        SafetensorError, OSError, RuntimeError, ValueError, EOFError, KeyError,
+        pickle.UnpicklingError,
+    ) as exc:  # fmt: skip
         raise MudscError(
             f"cannot read {file}: the file is truncated or corrupt ({exc}); "
             "re-create it (mudsc train / mudsc merge) or copy it again"

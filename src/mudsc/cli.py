@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -42,7 +43,7 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except MudscError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; finished outputs are kept, partial ones removed")
@@ -159,13 +160,22 @@ def train(
 ) -> None:
     """Train a source model on one task's classes and save it as a checkpoint."""
     from mudsc.checkpoint import refuse_existing, save_checkpoint
-    from mudsc.data import load_dataset, parse_classes, parse_split, split_classes
+    from mudsc.data import (
+        load_dataset,
+        parse_classes,
+        parse_split,
+        split_classes,
+        validate_classes,
+    )
+    from mudsc.models import names
     from mudsc.models.head import ClassEmbeddingHead
     from mudsc.train import TrainConfig, train_config_dict
     from mudsc.train import train as run_train
 
     refuse_existing(output, force)
     dev = resolve_device(device)
+    if arch not in names():  # before the (slow) dataset load
+        raise MudscError(f"unknown architecture {arch!r}; valid names: {', '.join(names())}")
     config = TrainConfig(
         epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
         weight_decay=weight_decay, warmup_epochs=warmup_epochs, augment=not no_augment, seed=seed,
@@ -180,6 +190,7 @@ def train(
         classes = parts[task_index]
     else:
         classes = parse_classes(task) if task else list(range(data.num_classes))
+    classes = validate_classes(classes, data.num_classes)
     head = (
         ClassEmbeddingHead.from_file(class_embeddings)
         if class_embeddings

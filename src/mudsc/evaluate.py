@@ -7,6 +7,7 @@ confident model wins the joint prediction.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -76,7 +77,8 @@ def evaluate_embeddings(
         raise MudscError(
             f"an ensemble of {len(embeddings)} models needs one task per model, got {len(tasks)}"
         )
-    head = head.to("cpu")
+    if head.embeddings.device.type != "cpu":
+        head = copy.deepcopy(head).to("cpu")
     union = sorted(c for t in tasks for c in t)
     keep = torch.isin(labels, torch.tensor(union))
     labels = labels[keep]

@@ -36,6 +36,16 @@ class MLP(nn.Module):
             fan_in = units
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(units, args["embed_dim"])
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """He init, zero biases: PyTorch's default Linear init shrinks the signal ~2.3x per
+        layer, and the cosine head's gradient grows as 1/|embedding|, so without a norm layer
+        the default init makes the first steps ~6x too large and training collapses."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x.flatten(1)))
