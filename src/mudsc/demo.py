@@ -20,7 +20,7 @@ from mudsc.train import TrainConfig, train
 
 DEMO_ARCH = "resnet20"
 DEMO_ARCH_ARGS: dict[str, Any] = {"width": 1}
-DEMO_TRAIN = TrainConfig(epochs=4, batch_size=100, lr=0.1, warmup_epochs=0.5, seed=0)
+DEMO_TRAIN = TrainConfig(epochs=3, batch_size=64, lr=0.05, warmup_epochs=0.5, seed=0)
 DEMO_CALIBRATION = 500
 DEMO_ALPHA = 0.5
 
