@@ -288,6 +288,7 @@ def spec(
     image_size: int = typer.Option(32),
     list_archs: bool = typer.Option(False, "--list", help="List the zoo's architectures."),
     as_json: bool = typer.Option(False, "--json", help="Print the spec itself as JSON."),
+    full: bool = typer.Option(False, "--full", help="List every member module."),
 ) -> None:
     """Print the merge spaces that tracing finds in a model."""
     from mudsc.models import create, names
@@ -312,7 +313,7 @@ def spec(
     if as_json:
         sys.stdout.write(merge_spec.to_json() + "\n")
     else:
-        console.print(merge_spec.describe(), highlight=False, soft_wrap=True)
+        console.print(merge_spec.describe(full), highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -208,8 +208,8 @@ class MergeSpec:
                         f"but the axis has length {t.shape[m.axis]}"
                     )
 
-    def describe(self) -> str:
-        """A plain-text table: one row per space."""
+    def describe(self, full: bool = False) -> str:
+        """A plain-text table, one row per space; module lists are shortened unless ``full``."""
         rows = [("space", "size", "groups", "fixed", "producers", "consumers", "taps")]
         for s in self.spaces:
             rows.append(
@@ -218,18 +218,30 @@ class MergeSpec:
                     str(s.size),
                     str(s.groups) + (f" tie:{s.block_tie}" if s.block_tie else ""),
                     "yes" if s.fixed else "",
-                    ", ".join(_short(m) for m in s.producers) or "-",
-                    ", ".join(_short(m) for m in s.consumers) or "-",
-                    ", ".join(f"{t.module}:{t.side[:2]}" for t in s.taps) or "-",
+                    _modules(s.producers, full),
+                    _modules(s.consumers, full),
+                    _modules(s.taps, full, taps=True),
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
         lines += [f"warning: {w}" for w in self.warnings]
-        return "\n".join(lines)
+        return "\n".join(line.rstrip() for line in lines)
 
 
-def _short(m: Member) -> str:
-    text = f"{m.tensor}[{m.axis}]"
-    return text + (f"@{m.start}" if m.start else "")
+def _modules(items: Iterable[Member] | Iterable[Tap], full: bool, taps: bool = False) -> str:
+    """Module paths of members (or taps), in order, without repeats; at most 3 unless full."""
+    names: list[str] = []
+    for item in items:
+        if taps:
+            name = f"{item.module}:{'in' if item.side == 'input' else 'out'}"
+        else:
+            name = item.tensor.rpartition(".")[0] or item.tensor
+        if name not in names:
+            names.append(name)
+    if not names:
+        return "-"
+    if full or len(names) <= 3:
+        return ", ".join(names)
+    return ", ".join(names[:3]) + f" +{len(names) - 3} more"
