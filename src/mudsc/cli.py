@@ -443,3 +443,7 @@ def merge(
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     chosen = "" if result.alpha is None else f", alpha {result.alpha:g}"
     console.print(f"saved {output} ({method}{chosen}; {timing})")
+
+
+# commands that live in their own modules register themselves on `app`
+import mudsc.cli_experiment  # noqa: E402,F401
