@@ -51,8 +51,12 @@ def run_demo(device: torch.device | str = "cpu", progress: StepFn | None = None)
     rows: list[dict[str, Any]] = []
     embeddings = [embed(m, test_x, 500, device) for m in models]
     for i, emb in enumerate(embeddings):
-        rows.append({"method": f"model {i}", **_scores(evaluate_embeddings([emb], test_y, tasks, head))})
-    rows.append({"method": "ensemble", **_scores(evaluate_embeddings(embeddings, test_y, tasks, head))})
+        rows.append(
+            {"method": f"model {i}", **_scores(evaluate_embeddings([emb], test_y, tasks, head))}
+        )
+    rows.append(
+        {"method": "ensemble", **_scores(evaluate_embeddings(embeddings, test_y, tasks, head))}
+    )
 
     union = sorted(c for t in tasks for c in t)
     batches = calibration_batches(data, union, DEMO_CALIBRATION, 100, seed=0, device=device)

@@ -358,15 +358,25 @@ class _Engine:
 
 @torch.no_grad()
 def _agreement(merged: nn.Module, sources: Sequence[nn.Module], batches: Sequence[Tensor]) -> float:
-    """How closely the merged model reproduces every source's outputs (mean cosine)."""
+    """How closely the merged model reproduces every source's outputs (mean cosine).
+
+    Sources run in eval mode (modes restored after): in train mode BatchNorm would score
+    on batch statistics and overwrite the caller's running statistics.
+    """
+    modes = [(m, m.training) for src in sources for m in src.modules()]
+    for src in sources:
+        src.eval()
     total, count = 0.0, 0
-    for x in batches:
-        out = merged(x).flatten(1)
-        for src in sources:
-            total += (
-                torch.nn.functional.cosine_similarity(out, src(x).flatten(1), dim=1).sum().item()
-            )
-            count += len(x)
+    try:
+        for x in batches:
+            out = merged(x).flatten(1)
+            for src in sources:
+                cos = torch.nn.functional.cosine_similarity(out, src(x).flatten(1), dim=1)
+                total += cos.sum().item()
+                count += len(x)
+    finally:
+        for m, training in modes:
+            m.training = training
     return total / max(count, 1)
 
 
