@@ -42,14 +42,19 @@ def resolve_mode(mode: str, model: nn.Module) -> str:
     return mode
 
 
+def _nonempty(batches: Iterable[Tensor]) -> list[Tensor]:
+    """The batches as a list; none is an error, raised before any state is touched."""
+    batches = list(batches)
+    if not batches:
+        raise MudscError("normalisation repair needs calibration data, but none was given")
+    return batches
+
+
 def _forward_all(model: nn.Module, batches: Iterable[Tensor], device: torch.device | str) -> int:
-    count = 0
+    batches = _nonempty(batches)
     for x in batches:
         model(x.to(device))
-        count += 1
-    if count == 0:
-        raise MudscError("normalisation repair needs calibration data, but none was given")
-    return count
+    return len(batches)
 
 
 @torch.no_grad()
@@ -57,6 +62,7 @@ def reset_batchnorm(
     model: nn.Module, batches: Iterable[Tensor], device: torch.device | str
 ) -> None:
     """Re-estimate every BatchNorm's running statistics as a cumulative average (one pass)."""
+    batches = _nonempty(batches)
     norms = [m for m in model.modules() if isinstance(m, _NORMS)]
     saved = [(m, m.momentum) for m in norms]
     for m in norms:
@@ -175,9 +181,11 @@ def repair(
 ) -> int:
     """REPAIR: fold per-channel affine corrections into eligible layers; returns their count.
 
-    One pass over the data, BatchNorm-style: while measuring a layer's raw output, its
-    output is already corrected with the batch's own statistics, so later layers are
-    measured as they will be after folding.
+    One pass over the data, BatchNorm-style (as in Jordan et al.): while measuring a
+    layer's raw output, its output is already corrected with the batch's own statistics,
+    so later layers are measured close to how they will be after folding (exactly so for
+    a single batch; with several, each batch's own standardisation differs slightly from
+    the folded correction).
     """
     layers = repair_layers(merged, spec)
     if not layers:
