@@ -25,6 +25,7 @@ from mudsc import __version__
 from mudsc.errors import MudscError
 from mudsc.models import create
 from mudsc.models.head import ClassEmbeddingHead
+from mudsc.partial import PartialMerge
 
 MODEL_FILE = "model.safetensors"
 HEAD_FILE = "head.safetensors"
@@ -108,18 +109,22 @@ def save_checkpoint(
     force: bool = False,
 ) -> Path:
     """Save ``model`` (which must carry ``arch`` and ``config``) with ``config`` as provenance."""
-    arch = getattr(model, "arch", None)
+    arch = config.get("arch", getattr(model, "arch", None))
     if arch is None:
         raise MudscError("only zoo models (mudsc.models.create) can be saved as checkpoints")
     full = {
         "mudsc_version": __version__,
         "arch": arch,
-        "arch_args": dict(getattr(model, "config", {})),
+        "arch_args": dict(config.get("arch_args", getattr(model, "config", {}))),
         **dict(config),
     }
     if head is not None:
         full["head"] = head.to_config()
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    if isinstance(model, PartialMerge):
+        state, full["partial"] = model.to_record()
+    else:
+        state = model.state_dict()
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
     def write(tmp: Path) -> None:
         save_file(state, str(tmp / MODEL_FILE))
@@ -191,6 +196,12 @@ def load_checkpoint(
             if emb is None:
                 raise MudscError(f"{path / HEAD_FILE} has no 'embeddings' tensor")
             head = ClassEmbeddingHead(emb, config=config.get("head"))
+    if "partial" in config:
+        model = _load_partial(config, state)
+        model.to(device).eval()
+        if head is not None:
+            head.to(device)
+        return Checkpoint(model=model, head=head, config=config, path=path)
     model = create(config["arch"], **config.get("arch_args", {}))
     try:
         model.load_state_dict(state, strict=True)
@@ -203,3 +214,13 @@ def load_checkpoint(
     if head is not None:
         head.to(device)
     return Checkpoint(model=model, head=head, config=config, path=path)
+
+
+def _load_partial(config: Mapping[str, Any], state: dict[str, torch.Tensor]) -> PartialMerge:
+    """Rebuild a partial merge (trunk + heads) from a fresh zoo model and its record."""
+    args = dict(config.get("arch_args", {}))
+    channels, size = int(args.get("in_channels", 3)), int(args.get("image_size", 32))
+    example = torch.zeros(2, channels, size, size)
+    return PartialMerge.from_record(
+        lambda: create(config["arch"], **args), example, state, config["partial"]
+    )

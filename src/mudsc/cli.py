@@ -384,20 +384,29 @@ def merge(
     zip_a: float = typer.Option(0.5, help="Zip re-merge damping a."),
     zip_b: float = typer.Option(1.0, help="Zip within-model budget share b."),
     max_sweeps: int = typer.Option(100),
+    stop_at: str = typer.Option(
+        None, help="Partial merge: merge up to this module path (e.g. layer2); heads stay."
+    ),
+    stop_after_spaces: int = typer.Option(
+        None, help="Partial merge: merge the first K spaces (instead of --stop-at)."
+    ),
     device: str = typer.Option("cpu"),
     force: bool = typer.Option(False, help="Replace an existing output directory."),
 ) -> None:
     """Merge source checkpoints into one model and save it with its merge card."""
     from mudsc.checkpoint import load_checkpoint, refuse_existing, save_checkpoint
     from mudsc.data import load_dataset
-    from mudsc.evaluate import embed, evaluate_embeddings
+    from mudsc.evaluate import evaluate
     from mudsc.merge import MergeConfig, merge_models
 
     refuse_existing(output, force)
     dev = resolve_device(device)
+    if stop_at is not None and stop_after_spaces is not None:
+        raise MudscError("give either --stop-at or --stop-after-spaces, not both")
     config = MergeConfig(
         method=method, alpha=alpha, seed=seed, repair=repair_mode, zip_a=zip_a, zip_b=zip_b,
         max_sweeps=max_sweeps, device=str(dev),
+        stop_at=stop_at if stop_at is not None else stop_after_spaces,
     )  # fmt: skip
     if len(checkpoints) < 2:
         raise MudscError("merge needs at least two checkpoints")
@@ -417,8 +426,7 @@ def merge(
     if held is not None and head is not None and tasks:
 
         def score_fn(model: torch.nn.Module) -> float:
-            emb = embed(model, held[0], batch_size, dev)
-            return evaluate_embeddings([emb], held[1], tasks, head).avg
+            return evaluate(model, held[0], held[1], tasks, head, dev, batch_size).avg
 
     with progress_bar() as bar:
         jobs: dict[str, Any] = {}
@@ -437,7 +445,10 @@ def merge(
         card["alpha_score"] = "average per-task accuracy on a held-out labelled slice"
     save_checkpoint(
         output, result.model,
-        {"kind": "merge", "dataset": name, "tasks": tasks, "merge": card},
+        {
+            "kind": "merge", "dataset": name, "tasks": tasks, "merge": card,
+            "arch": loaded[0].config["arch"], "arch_args": loaded[0].config.get("arch_args", {}),
+        },
         head, force=force,
     )  # fmt: skip
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())

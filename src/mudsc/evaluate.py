@@ -16,6 +16,7 @@ from torch import nn
 
 from mudsc.errors import MudscError
 from mudsc.models.head import ClassEmbeddingHead
+from mudsc.partial import PartialMerge
 
 ENSEMBLE_SCALE = 100.0
 
@@ -33,6 +34,17 @@ class Report:
         d = asdict(self)
         d["per_task"] = list(self.per_task)
         return d
+
+
+class HeadView(nn.Module):
+    """One head of a partial merge, seen as a model of its own (trunk + head i)."""
+
+    def __init__(self, partial: PartialMerge, index: int) -> None:
+        super().__init__()
+        self.partial, self.index = partial, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.partial.forward_heads(x)[self.index]
 
 
 @torch.no_grad()
@@ -132,5 +144,8 @@ def evaluate(
     models = [models] if isinstance(models, nn.Module) else list(models)
     if not models:
         raise MudscError("evaluate needs at least one model")
+    if len(models) == 1 and isinstance(models[0], PartialMerge):
+        # a partial merge is scored like an ensemble: head i is the expert of task i
+        models = [HeadView(models[0], i) for i in range(models[0].n_models)]
     embeddings = [embed(m, images, batch_size, device) for m in models]
     return evaluate_embeddings(embeddings, labels, tasks, head)

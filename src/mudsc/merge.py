@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from mudsc import __version__
 from mudsc.apply import apply_matches
 from mudsc.errors import MudscError
+from mudsc.partial import PartialMerge, build_partial, resolve_stop, trunk_spaces
 from mudsc.repair import REPAIR_MODES, repair, reset_batchnorm, resolve_mode
 from mudsc.similarity import activation_similarity, dual_similarity, weight_similarity
 from mudsc.solvers import align, block_scores, group_align, group_zip, pair_blocks, zip_match
@@ -80,6 +81,7 @@ class MergeConfig:
     repair: str = "auto"
     device: str = "cpu"
     stats_dtype: str = "float32"
+    stop_at: str | int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -110,6 +112,13 @@ class MergeConfig:
             raise MudscError("max_sweeps and patience must be >= 1")
         if self.repair not in REPAIR_MODES:
             raise MudscError(f"unknown repair {self.repair!r}; valid: {', '.join(REPAIR_MODES)}")
+        if self.stop_at is not None and (
+            isinstance(self.stop_at, bool) or not isinstance(self.stop_at, (str, int))
+        ):
+            raise MudscError(
+                f"stop_at must be a module path (str) or a number of spaces (int), got "
+                f"{self.stop_at!r}"
+            )
         if self.stats_dtype not in ("float32", "float64"):
             raise MudscError("stats_dtype must be 'float32' or 'float64'")
 
@@ -282,6 +291,7 @@ class _Engine:
         self.units = _units(spec)
         self.progress = progress
         self.assignment_seconds = 0.0
+        self.partial: tuple[MergeSpec, Tensor] | None = None
 
     def _solve_timed(self, unit: Sequence[Space], sims: Sequence[Tensor]) -> list[Match]:
         start = time.perf_counter()
@@ -341,13 +351,20 @@ class _Engine:
         self, matches: Mapping[str, Match], batches: Sequence[Tensor], timer: _Timer
     ) -> nn.Module:
         t = time.perf_counter()
-        state = apply_matches(self.spec, self.states, matches)
-        merged = copy.deepcopy(self.models[0])
-        merged.load_state_dict(state)
+        if self.partial is not None:
+            full_spec, example = self.partial
+            merged = build_partial(self.models, full_spec, matches, self.cfg.stop_at, example)
+        else:
+            state = apply_matches(self.spec, self.states, matches)
+            merged = copy.deepcopy(self.models[0])
+            merged.load_state_dict(state)
         merged.eval()
         timer.add("apply", t)
         t = time.perf_counter()
         mode = resolve_mode(self.cfg.repair, merged)
+        if mode == "repair" and self.partial is not None:
+            log.warning("REPAIR is not available for partial merges; normalisation left as is")
+            mode = "none"
         if mode == "bn":
             reset_batchnorm(merged, batches, self.cfg.device)
         elif mode == "repair":
@@ -369,9 +386,15 @@ def _agreement(merged: nn.Module, sources: Sequence[nn.Module], batches: Sequenc
     total, count = 0.0, 0
     try:
         for x in batches:
-            out = merged(x).flatten(1)
-            for src in sources:
-                cos = torch.nn.functional.cosine_similarity(out, src(x).flatten(1), dim=1)
+            outs = (
+                merged.forward_heads(x)
+                if isinstance(merged, PartialMerge)
+                else [merged(x)] * len(sources)
+            )
+            for out, src in zip(outs, sources, strict=True):
+                cos = torch.nn.functional.cosine_similarity(
+                    out.flatten(1), src(x).flatten(1), dim=1
+                )
                 total += cos.sum().item()
                 count += len(x)
     finally:
@@ -409,16 +432,31 @@ def merge_models(
         example_input = batches[0][:2]
     models = [m if _on(m, dev) else copy.deepcopy(m).to(dev) for m in models]
     batches = [b.to(dev) for b in batches]
+    example_input = example_input.to(dev)
     timer = _Timer()
 
     t = time.perf_counter()
     if spec is None:
-        spec = trace(models[0], example_input.to(dev))
+        spec = trace(models[0], example_input)
     spec.validate(models[0])
+    full_spec = spec
+    if cfg.stop_at is not None:
+        trunk = set(trunk_spaces(spec, resolve_stop(models[0], spec, cfg.stop_at)))
+        spec = replace(
+            spec,
+            spaces=tuple(
+                s if s.fixed or s.name in trunk else replace(s, fixed=True) for s in spec.spaces
+            ),
+        )
     timer.add("trace", t)
     if spec.warnings:
         for w in spec.warnings:
             log.warning("spec: %s", w)
+    if any(isinstance(m, nn.Conv2d) for m in models[0].modules()):
+        # oneDNN convolutions run markedly faster on NHWC (measured 1.7x for ResNet-20 x8)
+        models = [copy.deepcopy(m).to(memory_format=torch.channels_last) for m in models]
+        batches = [b.contiguous(memory_format=torch.channels_last) if b.dim() == 4 else b
+                   for b in batches]  # fmt: skip
 
     auto = preset.dual and cfg.alpha == "auto"
     fit, held = _split_holdout(batches, cfg.holdout) if auto and score_fn is None else (batches, [])
@@ -436,6 +474,8 @@ def merge_models(
             log.warning("spaces without taps use weight similarity only: %s", missing)
 
     engine = _Engine(models, spec, cfg, s_act, progress)
+    if cfg.stop_at is not None:
+        engine.partial = (full_spec, example_input)
     t = time.perf_counter()
     start = engine.initial()
     timer.add("solve", t)
@@ -473,6 +513,7 @@ def merge_models(
             best = (score, merged, matches, alpha, sweeps)
     assert best is not None
     _, merged, matches, alpha, sweeps = best
+    merged = merged.to(memory_format=torch.contiguous_format)
     timer.seconds["assignment"] = engine.assignment_seconds
     return MergeResult(
         model=merged,

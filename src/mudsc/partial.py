@@ -397,11 +397,11 @@ class Unmerge(nn.Module):
         out = []
         for value, plan in zip(values, self.plans, strict=True):
             for seg in plan:
-                value = _at(value, seg.item, lambda t, s=seg: self._apply(t, s))
+                value = _at(value, seg.item, lambda t, s=seg: self._unmerge_segment(t, s))
             out.append(value)
         return tuple(out)
 
-    def _apply(self, t: Tensor, seg: Segment) -> Tensor:
+    def _unmerge_segment(self, t: Tensor, seg: Segment) -> Tensor:
         u = self.matrix(seg.space).to(t.dtype)
         if seg.kind == "blocks":
             return contract_axis(t, seg.axis, block_map(u, seg.groups).T, seg.start, seg.inner)

@@ -1,0 +1,239 @@
+"""``mudsc landscape``, ``mudsc diagnose``, ``mudsc interpolate``: figures plus their data.
+
+Each command checks its outputs before any work (nothing is replaced without --force),
+loads two source checkpoints, draws calibration images from the training split of their
+tasks and evaluation images from the test split, computes, then writes the PNG and a data
+file next to it (.npz for the landscape, .json otherwise), both atomically.  Heavy imports
+happen inside the commands so that ``mudsc --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import typer
+from rich.table import Table
+
+from mudsc.cli import app, console, friendly, progress_bar, resolve_device
+from mudsc.errors import MudscError
+
+DEFAULT_METHODS = "zipit,wzip,mudsc-zip"
+
+
+@dataclass
+class _Pair:
+    """Two loaded source models with what the figures need to score them."""
+
+    models: list[torch.nn.Module]
+    head: Any
+    tasks: list[list[int]]
+    dataset: Any
+
+
+def _load_pair(a: Path, b: Path, data: str | None, data_dir: Path | None, dev: Any) -> _Pair:
+    from mudsc.checkpoint import load_checkpoint
+    from mudsc.data import load_dataset
+
+    loaded = [load_checkpoint(p, dev) for p in (a, b)]
+    name = data or loaded[0].dataset
+    if name is None:
+        raise MudscError("the checkpoints record no dataset; pass --data NAME")
+    tasks = [t for ck in loaded for t in ck.tasks]
+    if len(tasks) < 1:
+        raise MudscError(f"{a} and {b} record no tasks (class lists); re-train with mudsc train")
+    if loaded[0].head is None:
+        raise MudscError(f"{a} has no class-embedding head (head.safetensors)")
+    return _Pair([ck.model for ck in loaded], loaded[0].head, tasks, load_dataset(name, data_dir))
+
+
+def _batches(pair: _Pair, size: int, batch_size: int, seed: int, dev: Any) -> list[torch.Tensor]:
+    from mudsc.data import calibration_batches
+
+    classes = sorted({c for t in pair.tasks for c in t})
+    return calibration_batches(pair.dataset, classes, size, batch_size, seed, dev)
+
+
+def _methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise MudscError("--methods needs at least one method, e.g. zipit,wzip,mudsc-zip")
+    return methods
+
+
+def _outputs(output: Path, suffix: str, force: bool) -> tuple[Path, Path]:
+    from mudsc.plots.style import data_path, refuse_existing_outputs
+
+    data_file = data_path(output, suffix)
+    refuse_existing_outputs([output, data_file], force)
+    return output, data_file
+
+
+class _Steps:
+    """Progress callback feeding one rich bar per stage."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar, self.jobs = bar, {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if stage not in self.jobs:
+            self.jobs[stage] = self.bar.add_task(stage, total=total, info="")
+        self.bar.update(self.jobs[stage], completed=done)
+
+
+_A = typer.Argument(..., help="Source checkpoint A.")
+_B = typer.Argument(..., help="Source checkpoint B.")
+
+
+@app.command()
+@friendly
+def landscape(
+    a: Path = _A,
+    b: Path = _B,
+    output: Path = typer.Option(Path("landscape.png"), "--output", "-o", help="PNG to write."),
+    methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated methods; first = frame."),
+    resolution: int = typer.Option(9, help="Grid points per axis (cost grows as its square)."),
+    data_size: int = typer.Option(500, help="Test images the losses are computed on."),
+    calibration_size: int = typer.Option(256, help="Training images for matching and BN reset."),
+    alpha: str = typer.Option("0.5", help="MuDSC weight-space share, or 'auto'."),
+    data: str = typer.Option(None, "--data", help="Dataset (default: the checkpoints')."),
+    data_dir: Path = typer.Option(None),
+    batch_size: int = typer.Option(250),
+    seed: int = typer.Option(0, help="Seed of the image samples."),
+    device: str = typer.Option("cpu"),
+    force: bool = typer.Option(False, help="Replace existing outputs."),
+) -> None:
+    """Contours of every task's loss on the PCA plane of sources, merges and paths."""
+    from mudsc.plots.interpolate import EvalSet
+    from mudsc.plots.landscape import compute_landscape, landscape_rows, plot_landscape
+    from mudsc.plots.style import save_figure, save_npz
+
+    png, npz = _outputs(output, ".npz", force)
+    dev = resolve_device(device)
+    chosen = _methods(methods)
+    pair = _load_pair(a, b, data, data_dir, dev)
+    evalset = EvalSet.sample(pair.dataset, pair.tasks, pair.head, data_size, seed)
+    batches = _batches(pair, calibration_size, batch_size, seed, dev)
+    with progress_bar() as bar:
+        land = compute_landscape(
+            pair.models[0], pair.models[1], evalset, batches, chosen, resolution, dev, alpha,
+            progress=_Steps(bar),
+        )  # fmt: skip
+    save_npz(npz, land.arrays())
+    save_figure(plot_landscape(land), png)
+    table = Table(title=f"Marked points ({land.renorm}; loss = cross-entropy, nats)")
+    for col in ["method", "point", *land.panel_names, "off-plane distance"]:
+        table.add_column(col, justify="left" if col in ("method", "point") else "right")
+    for row in landscape_rows(land):
+        table.add_row(*row)
+    console.print(table)
+    ev = land.plane.explained
+    console.print(
+        f"plane explains {100 * ev.sum():.0f}% of the points' variance; wrote {png} and {npz}"
+    )
+
+
+@app.command()
+@friendly
+def diagnose(
+    a: Path = _A,
+    b: Path = _B,
+    output: Path = typer.Option(Path("diagnose.png"), "--output", "-o", help="PNG to write."),
+    methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated; first = S_w basis."),
+    calibration_size: int = typer.Option(256, help="Training images for the statistics."),
+    alpha: str = typer.Option("0.5", help="MuDSC weight-space share, or 'auto'."),
+    data: str = typer.Option(None, "--data", help="Dataset (default: the checkpoints')."),
+    data_dir: Path = typer.Option(None),
+    batch_size: int = typer.Option(250),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    force: bool = typer.Option(False, help="Replace existing outputs."),
+) -> None:
+    """Per merge space: do weight and activation similarity agree; what did each method match?"""
+    from mudsc.plots.diagnose import compute_diagnosis, diagnosis_rows, plot_diagnosis
+    from mudsc.plots.style import save_figure, save_json
+
+    png, data_file = _outputs(output, ".json", force)
+    dev = resolve_device(device)
+    chosen = _methods(methods)
+    pair = _load_pair(a, b, data, data_dir, dev)
+    batches = _batches(pair, calibration_size, batch_size, seed, dev)
+    with progress_bar() as bar:
+        diag = compute_diagnosis(pair.models[0], pair.models[1], batches, chosen, dev, alpha,
+                                 progress=_Steps(bar))  # fmt: skip
+    save_json(data_file, diag.to_dict())
+    save_figure(plot_diagnosis(diag), png)
+    if as_json:
+        sys.stdout.write(json.dumps(diag.to_dict()) + "\n")
+        return
+    table = Table(
+        title="Rank agreement of S_w and S_act, and mean similarity of merged pairs",
+        caption=f"S_w for the agreement is taken in the {diag.basis} basis",
+    )
+    table.add_column("space", no_wrap=True)
+    table.add_column("n", justify="right")
+    table.add_column("Spearman\nrho", justify="right")
+    for m in diag.methods:
+        table.add_column(f"{m}\nS_act", justify="right")
+        table.add_column(f"{m}\nS_w", justify="right")
+    for row in diagnosis_rows(diag):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"wrote {png} and {data_file}")
+
+
+@app.command()
+@friendly
+def interpolate(
+    a: Path = _A,
+    b: Path = _B,
+    method: str = typer.Option("mudsc-zip", help="Method whose merged basis aligns A and B."),
+    steps: int = typer.Option(11, help="Points on the path, end points included."),
+    output: Path = typer.Option(Path("interpolate.png"), "--output", "-o", help="PNG to write."),
+    data_size: int = typer.Option(500, help="Test images the losses are computed on."),
+    calibration_size: int = typer.Option(256, help="Training images for matching and BN reset."),
+    alpha: str = typer.Option("0.5", help="MuDSC weight-space share, or 'auto'."),
+    data: str = typer.Option(None, "--data", help="Dataset (default: the checkpoints')."),
+    data_dir: Path = typer.Option(None),
+    batch_size: int = typer.Option(250),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu"),
+    force: bool = typer.Option(False, help="Replace existing outputs."),
+) -> None:
+    """Loss and accuracy per task along the straight path A -> B: naive, aligned, renormalised."""
+    from mudsc.plots.interpolate import (
+        EvalSet,
+        compute_interpolation,
+        interpolation_rows,
+        plot_interpolation,
+    )
+    from mudsc.plots.style import save_figure, save_json
+
+    png, data_file = _outputs(output, ".json", force)
+    dev = resolve_device(device)
+    pair = _load_pair(a, b, data, data_dir, dev)
+    evalset = EvalSet.sample(pair.dataset, pair.tasks, pair.head, data_size, seed)
+    batches = _batches(pair, calibration_size, batch_size, seed, dev)
+    with progress_bar() as bar:
+        interp = compute_interpolation(pair.models[0], pair.models[1], evalset, batches, method,
+                                       steps, dev, alpha, progress=_Steps(bar))  # fmt: skip
+    save_json(data_file, interp.to_dict())
+    save_figure(plot_interpolation(interp), png)
+    table = Table(
+        title="Mean over tasks along the path A -> B (loss in nats, accuracy in %)",
+        caption=f"aligned = both models in the {interp.method} merged basis",
+    )
+    table.add_column("t", justify="right")
+    for v in interp.variants:
+        short = v.replace("renorm", interp.renorm)
+        table.add_column(f"{short}\nloss", justify="right")
+        table.add_column(f"{short}\nacc", justify="right")
+    for row in interpolation_rows(interp):
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"wrote {png} and {data_file}")

@@ -1,0 +1,128 @@
+"""`mudsc merge` end to end: a checkpoint with its merge card, scored by `mudsc eval`;
+partial merges round-trip through a checkpoint; bad input is one clean error line."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures_data import write_idx_dataset
+from typer.testing import CliRunner, Result
+
+from mudsc.checkpoint import CONFIG_FILE, load_checkpoint
+from mudsc.cli import app
+from mudsc.data import ENV_VAR
+from mudsc.partial import PartialMerge
+
+TRAIN_ARGS = [
+    "--dataset", "fashion-mnist", "--arch", "mlp", "--arch-args", '{"hidden": 32}',
+    "--embed-dim", "32", "--epochs", "2", "--batch-size", "64", "--lr", "0.05",
+]  # fmt: skip
+
+
+def invoke(*args: object) -> Result:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENV_VAR, raising=False)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fashion")
+    write_idx_dataset(root, n_train=400, n_test=200)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("runs")
+    paths = {}
+    for name, task, seed in (("a", "0,1,2,3,4", 0), ("b", "5,6,7,8,9", 1)):
+        paths[name] = out / name
+        result = invoke("train", "-o", paths[name], "--data-dir", data_dir, "--task", task,
+                        "--seed", seed, *TRAIN_ARGS)  # fmt: skip
+        assert result.exit_code == 0, result.output
+    return paths
+
+
+def test_merge_writes_a_checkpoint_with_a_merge_card(
+    runs: dict[str, Path], data_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "ab"
+    result = invoke("merge", runs["a"], runs["b"], "--method", "mudsc-zip", "--alpha", "auto",
+                    "--data-dir", data_dir, "--calibration-size", "200", "--max-sweeps", "5",
+                    "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / CONFIG_FILE).read_text())
+    card = config["merge"]
+    assert card["method"] == "mudsc-zip" and card["config"]["method"] == "mudsc-zip"
+    assert card["alpha"] in [round(0.1 * k, 1) for k in range(1, 10)]
+    assert len(card["alpha_scores"]) == 9
+    assert card["alpha"] == float(max(card["alpha_scores"], key=card["alpha_scores"].get))
+    assert card["space_similarity"] and all(-1 <= v <= 1 for v in card["space_similarity"].values())
+    assert {"statistics", "sweeps", "apply", "repair"} <= set(card["timings"])
+    assert card["versions"]["torch"] == torch.__version__
+    assert config["tasks"] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+
+    scored = invoke("eval", out, "--data-dir", data_dir, "--json")
+    assert scored.exit_code == 0, scored.output
+    row = json.loads(scored.stdout)
+    assert len(row["per_task"]) == 2 and 0 <= row["joint"] <= 1
+
+
+def test_partial_merge_round_trips_through_a_checkpoint(
+    runs: dict[str, Path], data_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "partial"
+    result = invoke("merge", runs["a"], runs["b"], "--method", "zipit", "--stop-at", "features.2",
+                    "--data-dir", data_dir, "--calibration-size", "100", "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    loaded = load_checkpoint(out)
+    assert isinstance(loaded.model, PartialMerge) and loaded.model.n_models == 2
+    x = torch.randn(3, 1, 28, 28)
+    assert loaded.model(x).shape == (2, 3, 32)
+    scored = invoke("eval", out, "--data-dir", data_dir, "--json")
+    assert scored.exit_code == 0, scored.output
+    assert len(json.loads(scored.stdout)["per_task"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--method", "bogus"], ["unknown method", "mudsc-zip"]),
+        (["--alpha", "1.5"], ["alpha must be in [0, 1]"]),
+        (["--stop-at", "nope"], ["nope"]),
+    ],
+)
+def test_merge_bad_input_is_one_clean_error(
+    runs: dict[str, Path], data_dir: Path, tmp_path: Path, args: list[str], words: list[str]
+) -> None:
+    out = tmp_path / "bad"
+    result = invoke("merge", runs["a"], runs["b"], "--data-dir", data_dir,
+                    "--calibration-size", "100", "-o", out, *args)  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and result.stderr.lstrip().startswith("error:")
+    for word in words:
+        assert word in " ".join(result.stderr.split()), result.stderr
+    assert not out.exists()
+
+
+def test_merge_refuses_to_overwrite(runs: dict[str, Path], data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "exists"
+    out.mkdir()
+    result = invoke("merge", runs["a"], runs["b"], "--data-dir", data_dir, "-o", out)
+    assert result.exit_code == 2 and "--force" in result.stderr
