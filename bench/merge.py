@@ -13,6 +13,7 @@ ratio total / floor says how much overhead the engine adds.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import resource
@@ -55,18 +56,23 @@ def run_one(arch_key: str, method: str, images: int, batch: int, device: str, dt
 
     autocast = dtype == "bf16"
 
-    def forward_all(ms: list[torch.nn.Module]) -> float:
+    # the engine runs conv nets in channels_last; time the floor in the same layout
+    conv = any(isinstance(m, torch.nn.Conv2d) for m in models[0].modules())
+    fmt = torch.channels_last if conv else torch.contiguous_format
+    floor_model = [copy.deepcopy(models[0]).to(memory_format=fmt)]
+    floor_batches = [b.contiguous(memory_format=fmt) for b in batches]
+
+    def forward_floor() -> float:
         _sync(dev)
         start = time.perf_counter()
         with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=autocast):
-            for m in ms:
-                for x in batches:
-                    m(x)
+            for x in floor_batches:
+                floor_model[0](x)
         _sync(dev)
         return time.perf_counter() - start
 
-    forward_all(models[:1])  # warm-up
-    one_model = forward_all(models[:1])
+    forward_floor()  # warm-up
+    one_model = forward_floor()
     cfg = MergeConfig(method=method, alpha=0.5, device=device)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
