@@ -34,15 +34,19 @@ from mudsc.plots.diagnose import (
 )
 from mudsc.plots.interpolate import (
     EvalSet,
+    Renormaliser,
     compute_interpolation,
     lerp_state,
+    load_interpolation,
     model_with_state,
     plot_interpolation,
+    task_metrics,
     weighted_matches,
 )
 from mudsc.plots.landscape import (
     compute_landscape,
     grid_axes,
+    load_landscape,
     parameter_keys,
     parameter_vector,
     pca_plane,
@@ -210,6 +214,11 @@ def test_every_method_has_its_own_colour(tmp_path):
     save_figure(fig, tmp_path / "x.png")
     save_npz(tmp_path / "x.npz", {"a": np.zeros(2)})
     assert sorted(os.listdir(tmp_path)) == ["x.npz", "x.png"]  # no temporary files left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "x.png").stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would
+    with pytest.raises(MudscError, match="not a landscape"):
+        load_landscape(tmp_path / "x.npz")
 
 
 # -- the computations ---------------------------------------------------------------------
@@ -234,10 +243,10 @@ def test_landscape_marks_merges_at_their_own_parameters(mlps, evalset, batches, 
     result = land.merges["mudsc-zip"]
     other = apply_matches(result.spec, [m.state_dict() for m in mlps], result.matches)
     x = batches[0][:8]
-    framed = model_with_state(mlps[0], land.frame_states["mudsc-zip"])
+    framed = model_with_state(mlps[0], land.merged_states["mudsc-zip"])
     torch.testing.assert_close(framed(x), model_with_state(mlps[0], other)(x), atol=1e-4, rtol=1e-4)
     j = land.point_index("mudsc-zip", "merged")
-    proj = land.plane.project(parameter_vector(land.frame_states["mudsc-zip"], keys))[0]
+    proj = land.plane.project(parameter_vector(land.merged_states["mudsc-zip"], keys))[0]
     np.testing.assert_allclose(proj, land.points[j], atol=1e-6)
     # The merge is the midpoint of its path.
     np.testing.assert_allclose(land.paths[0, 2], land.points[i], atol=1e-6)
@@ -261,6 +270,10 @@ def test_landscape_marks_merges_at_their_own_parameters(mlps, evalset, batches, 
     assert png.stat().st_size > 10_000
     saved = np.load(npz)
     assert saved["loss"].shape == (3, 3, 3) and saved["basis"].shape == (2, len(vec))
+    again = load_landscape(npz)  # redraw from the data file alone
+    np.testing.assert_allclose(again.loss, land.loss)
+    assert again.point_roles == land.point_roles and again.frame == "zipit"
+    assert len(plot_landscape(again).axes) == 4
     np.testing.assert_allclose(
         (vec - saved["center"]) @ saved["basis"].T, saved["points"][i], rtol=1e-4, atol=1e-2
     )
@@ -280,8 +293,10 @@ def test_interpolation_with_batchnorm_reset(resnets, evalset, batches, tmp_path)
     # A permutation leaves each end point's function unchanged.
     np.testing.assert_allclose(interp.loss[aligned, [0, -1]], interp.loss[naive, [0, -1]],
                                rtol=1e-4)  # fmt: skip
-    json.dumps(interp.to_dict(), allow_nan=False)
-    fig = plot_interpolation(interp)
+    back = load_interpolation(json.loads(json.dumps(interp.to_dict(), allow_nan=False)))
+    np.testing.assert_allclose(back.loss, interp.loss)
+    np.testing.assert_allclose(back.accuracy, interp.accuracy)
+    fig = plot_interpolation(back)
     titled = [ax for ax in fig.axes if ax.get_title()]
     assert len(titled) == 3 and titled[-1].get_title() == "Mean over tasks"
     assert sum("accuracy" in ax.get_ylabel() for ax in fig.axes) == 3
@@ -292,6 +307,23 @@ def test_interpolation_with_batchnorm_reset(resnets, evalset, batches, tmp_path)
         "aligned (act-align) + BN reset",
     ]
     assert save_figure(fig, tmp_path / "i.png").stat().st_size > 10_000
+
+
+def test_batchnorm_landscape_marks_the_merged_model_itself(resnets, evalset, batches):
+    tiny = EvalSet(_shrink(evalset.images), evalset.labels, evalset.tasks, evalset.head)
+    small = [_shrink(x) for x in batches]
+    land = compute_landscape(resnets[0], resnets[1], tiny, small, ["act-align"], resolution=2)
+    assert land.renorm == "BN reset" and np.isfinite(land.loss).all()
+    merged = land.merges["act-align"].model  # BN reset changed buffers only, not parameters
+    vec = parameter_vector(merged.state_dict(), land.parameter_keys)
+    i = land.point_index("act-align", "merged")
+    np.testing.assert_allclose(land.plane.project(vec)[0], land.points[i], atol=1e-6)
+    # Alignment is a permutation: source A in the merged basis is model A, loss unchanged.
+    a = land.point_index("act-align", "source A")
+    model_a = model_with_state(resnets[0], resnets[0].state_dict())
+    Renormaliser("bn", small, "cpu")(model_a)
+    losses, _ = task_metrics(model_a, tiny, "cpu")
+    np.testing.assert_allclose(land.point_loss[a, :2], losses, rtol=1e-4)
 
 
 def test_diagnosis_values_and_figure(mlps, batches, tmp_path):

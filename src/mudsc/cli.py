@@ -458,3 +458,4 @@ def merge(
 
 # commands that live in their own modules register themselves on `app`
 import mudsc.cli_experiment  # noqa: E402,F401
+import mudsc.cli_plots  # noqa: E402,F401

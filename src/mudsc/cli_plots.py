@@ -173,14 +173,17 @@ def diagnose(
         return
     table = Table(
         title="Rank agreement of S_w and S_act, and mean similarity of merged pairs",
-        caption=f"S_w for the agreement is taken in the {diag.basis} basis",
+        caption=f"rho: Spearman over all cross-model pairs, S_w in the {diag.basis} basis; "
+        f"pair counts are in {data_file}",
+        show_edge=False,
     )
     table.add_column("space", no_wrap=True)
     table.add_column("n", justify="right")
-    table.add_column("Spearman\nrho", justify="right")
+    table.add_column("rho", justify="right", min_width=5)
     for m in diag.methods:
-        table.add_column(f"{m}\nS_act", justify="right")
-        table.add_column(f"{m}\nS_w", justify="right")
+        head = m.replace("-", "-\n")  # mudsc-zip -> two short header lines
+        table.add_column(f"{head}\nS_act", justify="right", min_width=5, overflow="fold")
+        table.add_column(f"{head}\nS_w", justify="right", min_width=5, overflow="fold")
     for row in diagnosis_rows(diag):
         table.add_row(*row)
     console.print(table)

@@ -1,7 +1,8 @@
 """Pictures for researchers: loss landscapes, space-agreement diagnostics, interpolations.
 
-Each module computes plain data (a dataclass of numpy arrays, savable as .npz/.json) and
-draws it in a separate function, so figures can be tested and redrawn without recomputing.
+Each module computes plain data (a dataclass of numpy arrays, saved as .npz/.json) and
+draws it in a separate function, so figures can be tested on their own; landscapes and
+interpolations can be re-read from their data files and redrawn without recomputing.
 """
 
 from mudsc.plots.diagnose import Diagnosis, compute_diagnosis, plot_diagnosis
@@ -9,9 +10,10 @@ from mudsc.plots.interpolate import (
     EvalSet,
     Interpolation,
     compute_interpolation,
+    load_interpolation,
     plot_interpolation,
 )
-from mudsc.plots.landscape import Landscape, compute_landscape, plot_landscape
+from mudsc.plots.landscape import Landscape, compute_landscape, load_landscape, plot_landscape
 from mudsc.plots.style import METHOD_COLORS, method_color
 
 __all__ = [
@@ -23,6 +25,8 @@ __all__ = [
     "compute_diagnosis",
     "compute_interpolation",
     "compute_landscape",
+    "load_interpolation",
+    "load_landscape",
     "method_color",
     "plot_diagnosis",
     "plot_interpolation",

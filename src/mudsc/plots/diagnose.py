@@ -32,7 +32,8 @@ from scipy.stats import spearmanr
 from torch import Tensor, nn
 
 from mudsc.errors import MudscError
-from mudsc.merge import METHODS, MergeConfig, MergeResult, merge_models
+from mudsc.merge import MergeConfig, MergeResult, merge_models
+from mudsc.plots.interpolate import check_methods
 from mudsc.plots.style import method_color, new_figure
 from mudsc.similarity import activation_similarity, weight_similarity
 from mudsc.stats import collect_moments
@@ -131,12 +132,7 @@ def compute_diagnosis(
     progress: Progress | None = None,
 ) -> Diagnosis:
     """Merge with every method, then compare S_w and S_act space by space."""
-    methods = list(methods)
-    if not methods:
-        raise MudscError("name at least one method, e.g. --methods zipit,wzip,mudsc-zip")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise MudscError(f"unknown method(s) {unknown}; valid methods: {', '.join(METHODS)}")
+    methods = check_methods(methods)
     if not batches:
         raise MudscError("the diagnosis needs calibration batches (activation similarity)")
     sources = [model_a.to(device).eval(), model_b.to(device).eval()]
@@ -220,7 +216,7 @@ def plot_diagnosis(diag: Diagnosis) -> Figure:
     for c, name in enumerate(scatter):
         ax = fig.add_subplot(grid[0, 2 * c : 2 * c + 2])
         w, a = diag.cross[name]
-        ax.scatter(a.ravel(), w.ravel(), s=4, color="#9a9a9a", alpha=0.35, linewidths=0,
+        ax.scatter(a.ravel(), w.ravel(), s=4, color="#b8b8b8", linewidths=0,
                    label="all cross-model unit pairs")  # fmt: skip
         for m in diag.methods:
             p = diag.cross_pairs[name][m]
@@ -254,7 +250,7 @@ def plot_diagnosis(diag: Diagnosis) -> Figure:
     ):
         ax = fig.add_subplot(grid[2, col * cols : (col + 1) * cols])
         _bars(ax, diag, key, names)
-        ax.set_title(f"Mean {label} of the pairs each method merged")
+        ax.set_title(f"Mean {label} of the unit pairs each method merged (any model)")
         ax.set_ylabel(f"mean matched {label} (r)")
         ax.set_xlabel("merge space (network order)")
     handles = [Patch(color=method_color(m), label=m) for m in diag.methods]
@@ -268,7 +264,7 @@ def diagnosis_rows(diag: Diagnosis) -> list[list[str]]:
     """Table rows: space, n, rho, then matched act / weight similarity per method."""
 
     def fmt(v: float | None) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
+        return "n/a" if v is None else f"{v:.2f}"
 
     return [
         [s.name, str(s.size), fmt(s.spearman)]

@@ -36,7 +36,7 @@ from mudsc.apply import transform_state
 from mudsc.data import ImageDataset
 from mudsc.errors import MudscError
 from mudsc.evaluate import embed
-from mudsc.merge import MergeConfig, MergeResult, merge_models
+from mudsc.merge import METHODS, MergeConfig, MergeResult, merge_models
 from mudsc.models.head import ClassEmbeddingHead
 from mudsc.plots.style import new_figure, variant_style
 from mudsc.repair import repair, reset_batchnorm, resolve_mode
@@ -210,6 +210,19 @@ def source_states(result: MergeResult, sources: Sequence[nn.Module]) -> list[dic
     ]
 
 
+def check_methods(methods: Sequence[str]) -> list[str]:
+    """The methods as a list, or an error naming the unknown or repeated ones."""
+    methods = list(methods)
+    if not methods:
+        raise MudscError("name at least one method, e.g. --methods zipit,wzip,mudsc-zip")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise MudscError(f"unknown method(s) {unknown}; valid methods: {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise MudscError(f"methods are listed twice: {methods}")
+    return methods
+
+
 # -- the interpolation itself ---------------------------------------------------------
 
 
@@ -252,6 +265,26 @@ class Interpolation:
                 for i, v in enumerate(self.variants)
             },
         }
+
+
+def load_interpolation(data: Mapping[str, Any]) -> Interpolation:
+    """Rebuild an :class:`Interpolation` from its ``to_dict`` JSON, to redraw it."""
+    try:
+        variants = tuple(data["variants"])
+        return Interpolation(
+            method=data["method"],
+            ts=np.asarray(data["t"], dtype=np.float64),
+            variants=variants,
+            loss=np.asarray([data["variants"][v]["loss"] for v in variants], dtype=np.float64),
+            accuracy=np.asarray(
+                [data["variants"][v]["accuracy"] for v in variants], dtype=np.float64
+            ),
+            tasks=[list(t) for t in data["tasks"]],
+            renorm=data["renorm"],
+            alpha=data.get("alpha"),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MudscError(f"not an interpolation data file written by mudsc ({exc})") from exc
 
 
 def compute_interpolation(

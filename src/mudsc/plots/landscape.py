@@ -50,6 +50,7 @@ import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,10 +63,11 @@ from torch import Tensor, nn
 
 from mudsc.apply import apply_matches, transform_state
 from mudsc.errors import MudscError
-from mudsc.merge import METHODS, MergeConfig, MergeResult, merge_models
+from mudsc.merge import MergeConfig, MergeResult, merge_models
 from mudsc.plots.interpolate import (
     EvalSet,
     Renormaliser,
+    check_methods,
     model_with_state,
     renormaliser_for,
     source_states,
@@ -193,7 +195,8 @@ class Landscape:
     renorm: str
     alphas: dict[str, float | None] = field(default_factory=dict)
     merges: dict[str, MergeResult] = field(default_factory=dict, repr=False)
-    frame_states: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
+    # Each method's merged weights (before renormalisation) in the frame basis; not saved.
+    merged_states: dict[str, dict[str, Tensor]] = field(default_factory=dict, repr=False)
 
     @property
     def panel_names(self) -> list[str]:
@@ -232,16 +235,36 @@ class Landscape:
         }
 
 
-def _check_methods(methods: Sequence[str]) -> list[str]:
-    methods = list(methods)
-    if not methods:
-        raise MudscError("name at least one method, e.g. --methods zipit,wzip,mudsc-zip")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise MudscError(f"unknown method(s) {unknown}; valid methods: {', '.join(METHODS)}")
-    if len(set(methods)) != len(methods):
-        raise MudscError(f"methods are listed twice: {methods}")
-    return methods
+def load_landscape(path: str | Path) -> Landscape:
+    """Re-read a landscape .npz written by the CLI, to redraw it without recomputing."""
+    try:
+        z = np.load(path, allow_pickle=False)
+        meta = json.loads(str(z["meta"]))
+        plane = Plane(
+            z["center"].astype(np.float64),
+            z["basis"].astype(np.float64),
+            z["explained_variance_ratio"],
+        )
+        return Landscape(
+            methods=list(meta["methods"]),
+            frame=meta["frame"],
+            tasks=meta["tasks"],
+            us=z["u"],
+            vs=z["v"],
+            loss=z["loss"],
+            point_methods=[str(x) for x in z["point_methods"]],
+            point_roles=[str(x) for x in z["point_roles"]],
+            points=z["points"],
+            point_loss=z["point_loss"],
+            point_residual=z["point_residual"],
+            paths=z["paths"],
+            plane=plane,
+            parameter_keys=[str(x) for x in z["parameter_keys"]],
+            renorm=meta["renorm"],
+            alphas=meta.get("alphas", {}),
+        )
+    except (OSError, KeyError, ValueError) as exc:
+        raise MudscError(f"{path} is not a landscape data file written by mudsc ({exc})") from exc
 
 
 def _to_frame(
@@ -275,7 +298,7 @@ def compute_landscape(
     progress: Progress | None = None,
 ) -> Landscape:
     """Merge with every method, frame all points, fit the plane, evaluate the grid."""
-    methods = _check_methods(methods)
+    methods = check_methods(methods)
     if not batches:
         raise MudscError("the landscape needs calibration batches (matching and BN reset)")
     if path_steps < 2:
@@ -317,8 +340,13 @@ def compute_landscape(
         ]
     )
     ts = np.linspace(0.0, 1.0, path_steps)
+    a, b = (ROLES.index(r) for r in ("source A", "source B"))
     path_vectors = np.stack(
-        [(1 - t) * vectors[3 * i] + t * vectors[3 * i + 1] for i in range(len(methods)) for t in ts]
+        [
+            (1 - t) * vectors[len(ROLES) * i + a] + t * vectors[len(ROLES) * i + b]
+            for i in range(len(methods))
+            for t in ts
+        ]
     )
     plane = pca_plane(np.concatenate([vectors, path_vectors]))
     points = plane.project(vectors)
@@ -367,7 +395,7 @@ def compute_landscape(
         renorm=renorm.label,
         alphas={m: r.alpha for m, r in results.items()},
         merges=results,
-        frame_states={m: framed[m]["merged"] for m in methods},
+        merged_states={m: framed[m]["merged"] for m in methods},
     )
 
 
