@@ -41,7 +41,7 @@ def contract_axis(t: Tensor, axis: int, mat: Tensor, start: int = 0, inner: int 
 
     The slice ``start ... start + n*inner`` (n = ``mat.shape[0]``) is read as n units of
     ``inner`` consecutive positions; positions outside it are kept.  Computed in the
-    promoted floating dtype of ``t`` and ``mat`` (at least float32), on ``t``'s device.
+    floating dtype of ``t`` (float64 for integer tensors), on ``t``'s device.
     """
     n, n_new = mat.shape
     axis = axis % t.dim()
@@ -52,18 +52,33 @@ def contract_axis(t: Tensor, axis: int, mat: Tensor, start: int = 0, inner: int 
             f"cannot transform positions {start}..{stop - 1} of an axis of length {length}; "
             "the merge spec does not fit this tensor (check it with MergeSpec.validate)"
         )
-    dtype = torch.promote_types(t.dtype, mat.dtype)
-    if not dtype.is_floating_point:
-        dtype = torch.float64
+    dtype = t.dtype if t.dtype.is_floating_point else torch.float64
     x = t.narrow(axis, start, n * inner).to(dtype).movedim(axis, 0)
     rest = x.shape[1:]
-    y = mat.to(device=t.device, dtype=dtype).T @ x.reshape(n, -1)
+    flat = x.reshape(n, -1)
+    mat = mat.to(device=t.device, dtype=dtype)
+    target, weight = _one_per_row(mat)
+    if target is not None:
+        # every solver's M and U send each source unit to one merged unit: a weighted
+        # scatter is exact and O(n) instead of a dense O(n^2) product
+        y = flat.new_zeros(n_new, flat.shape[1]).index_add_(0, target, flat * weight[:, None])
+    else:
+        y = mat.T @ flat
     y = y.reshape(n_new * inner, *rest).movedim(0, axis)
     if start == 0 and stop == length:
         return y
     head = t.narrow(axis, 0, start).to(dtype)
     tail = t.narrow(axis, stop, length - stop).to(dtype)
     return torch.cat([head, y, tail], dim=axis)
+
+
+def _one_per_row(mat: Tensor) -> tuple[Tensor | None, Tensor | None]:
+    """(column, value) of each row's single non-zero, or (None, None) if some row has more."""
+    nonzero = mat != 0
+    if bool((nonzero.sum(dim=1) > 1).any()):
+        return None, None
+    target = nonzero.to(torch.uint8).argmax(dim=1)
+    return target, mat.gather(1, target[:, None]).squeeze(1)
 
 
 def axis_matrix(match: Match, model_index: int, role: str) -> Tensor:

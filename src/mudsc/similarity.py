@@ -62,10 +62,11 @@ def unit_vectors(
                     "made for another architecture"
                 )
             if m.tensor not in cache:
-                t = state[m.tensor].to(torch.float64)
+                t = state[m.tensor]
+                t = t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
                 cache[m.tensor] = transform_tensor(
                     m.tensor, t, uses[m.tensor], i, matches, spaces, space_name, compress=False
-                ).to(torch.float64)
+                )
             t = cache[m.tensor]
             axis = m.axis % t.dim()
             x = t.narrow(axis, m.start, n * m.inner).movedim(axis, 0)
@@ -88,11 +89,11 @@ def weight_similarity(
         raise MudscError(f"unknown weight similarity kind {kind!r}; use 'correlation' or 'inner'")
     x = unit_vectors(spec, space_name, states, matches)
     if kind == "inner":
-        return x @ x.T
+        return (x @ x.T).to(torch.float64)
     mean = x.mean(dim=1)
     xc = x - mean[:, None]
-    cov = xc @ xc.T / x.shape[1]
-    return pearson(cov, mean, torch.finfo(torch.float64).tiny)
+    cov = (xc @ xc.T / x.shape[1]).to(torch.float64)
+    return pearson(cov, mean.to(torch.float64), torch.finfo(torch.float64).tiny)
 
 
 def dual_similarity(s_weight: Tensor, s_act: Tensor, alpha: float) -> Tensor:
