@@ -219,6 +219,14 @@ def _materialise(data: Iterable[Any] | None) -> list[Tensor]:
     return batches
 
 
+def _tracked(batches: Sequence[Tensor], stage: str, progress: Progress | None) -> Iterable[Tensor]:
+    """Yield ``batches``, reporting each one to ``progress`` (for per-stage progress bars)."""
+    for i, x in enumerate(batches):
+        yield x
+        if progress is not None:
+            progress(stage, i + 1, len(batches))
+
+
 def _split_holdout(batches: list[Tensor], fraction: float) -> tuple[list[Tensor], list[Tensor]]:
     """Held-out slice for scoring alpha: the last batches (or half of a single batch)."""
     if len(batches) == 1:
@@ -466,7 +474,9 @@ def merge_models(
         t = time.perf_counter()
         tapped = [s.name for s in spec.mergeable if s.taps]
         dtype = torch.float64 if cfg.stats_dtype == "float64" else torch.float32
-        moments = collect_moments(models, spec, fit, dev, spaces=tapped, dtype=dtype)
+        moments = collect_moments(
+            models, spec, _tracked(fit, "statistics", progress), dev, spaces=tapped, dtype=dtype
+        )
         s_act = {name: activation_similarity(m) for name, m in moments.items()}
         timer.add("statistics", t)
         missing = [s.name for s in spec.mergeable if not s.taps]
