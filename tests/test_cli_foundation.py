@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from fixtures_data import write_idx_dataset
 from typer.testing import CliRunner, Result
 
@@ -40,16 +38,6 @@ def assert_user_error(result: Result, *words: str) -> None:
     assert result.stderr.lstrip().startswith("error:"), result.stderr
     for word in words:
         assert flat(word) in flat(result.stderr), (word, result.stderr)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from two threads, and on a shared, busy CPU two threads
-    spin-wait on each other (measured: one Fashion-MNIST epoch 88 s vs 6 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ partial merges round-trip through a checkpoint; bad input is one clean error lin
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,14 +24,6 @@ TRAIN_ARGS = [
 
 def invoke(*args: object) -> Result:
     return CliRunner().invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

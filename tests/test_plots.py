@@ -60,15 +60,6 @@ TASKS = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
 FAST = {"max_sweeps": 3, "patience": 1}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def dataset():
     return load_dataset("embedded")

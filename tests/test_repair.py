@@ -26,14 +26,6 @@ ZOO = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(name: str, seed: int) -> nn.Module:
     kwargs, size = ZOO[name]
     torch.manual_seed(seed)

@@ -15,16 +15,6 @@ from mudsc.errors import MudscError
 from mudsc.models import create, names
 from mudsc.spaces import MergeSpec, register_module_rule, trace
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and OpenMP spin-waits crawl on a busy host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # Small configurations: (kwargs at width A, kwargs at width B), image size.
 _ZOO = {
     "mlp": ([{"width": 0.03}, {"width": 0.06}], 8),

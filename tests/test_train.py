@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -25,16 +24,6 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> ImageDataset:
     root = tmp_path_factory.mktemp("idx")
     write_idx_dataset(root, n_train=320, n_test=80)
     return load_dataset("fashion-mnist", root)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from two threads, and on a shared, busy CPU two threads
-    spin-wait on each other (measured: one Fashion-MNIST epoch 88 s vs 6 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
