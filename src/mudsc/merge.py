@@ -282,6 +282,23 @@ def _units(spec: MergeSpec) -> list[tuple[Space, ...]]:
     return units
 
 
+def _neighbours(spec: MergeSpec) -> dict[str, tuple[str, ...]]:
+    """For each space, the other spaces on the axes of its member tensors: the matches its
+    weight similarity depends on."""
+    on_tensor: dict[str, set[str]] = {}
+    for space in spec.mergeable:
+        for _, member in space.members():
+            on_tensor.setdefault(member.tensor, set()).add(space.name)
+    result = {}
+    for space in spec.mergeable:
+        near: set[str] = set()
+        for _, member in space.members():
+            near |= on_tensor[member.tensor]
+        near.discard(space.name)
+        result[space.name] = tuple(sorted(near))
+    return result
+
+
 class _Engine:
     """One merge problem: models, spec and (optional) activation similarities."""
 
@@ -300,6 +317,7 @@ class _Engine:
         self.progress = progress
         self.assignment_seconds = 0.0
         self.partial: tuple[MergeSpec, Tensor] | None = None
+        self.neighbours = _neighbours(spec)
 
     def _solve_timed(self, unit: Sequence[Space], sims: Sequence[Tensor]) -> list[Match]:
         start = time.perf_counter()
@@ -337,12 +355,27 @@ class _Engine:
         matches = dict(start)
         best, best_score, stale, sweeps = dict(matches), -math.inf, 0, 0
         gen = torch.Generator().manual_seed(cfg.seed)
+        # S(p) depends only on the matches of p's neighbours: recompute it only when one of
+        # them changed since it was last computed (exact; near convergence most are reused)
+        versions = dict.fromkeys(matches, 0)
+        cached: dict[str, tuple[tuple[int, ...], Tensor]] = {}
+
+        def similarity(space: Space) -> Tensor:
+            key = tuple(versions[q] for q in self.neighbours[space.name])
+            hit = cached.get(space.name)
+            if hit is None or hit[0] != key:
+                hit = (key, self._similarity(space, matches, alpha))
+                cached[space.name] = hit
+            return hit[1]
+
         for sweep in range(cfg.max_sweeps):
             sweeps = sweep + 1
             for u in torch.randperm(len(self.units), generator=gen).tolist():
                 unit = self.units[u]
-                sims = [self._similarity(sp, matches, alpha) for sp in unit]
+                sims = [similarity(sp) for sp in unit]
                 for sp, m in zip(unit, self._solve_timed(unit, sims), strict=True):
+                    if not torch.equal(m.unmerge, matches[sp.name].unmerge):
+                        versions[sp.name] += 1
                     matches[sp.name] = m
             score = sum(m.value for m in matches.values()) / max(len(matches), 1)
             if self.progress:
