@@ -84,21 +84,26 @@ def atomic_directory(path: str | Path, force: bool, write: Any) -> Path:
     return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file through a temporary sibling and a rename."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file through a temporary sibling and a rename, with the usual permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)  # mkstemp creates 0600
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (see :func:`atomic_write_bytes`)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def save_checkpoint(

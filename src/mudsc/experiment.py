@@ -526,8 +526,9 @@ def summarize(pairs: list[dict[str, Any]], order: list[str]) -> dict[str, Any]:
         rows = [p["rows"][name] for p in pairs]
         entry: dict[str, Any] = {
             "joint": mean_std([r["joint"] for r in rows]),
-            "per_task": [mean_std([r["per_task"][t] for r in rows])
-                         for t in range(len(rows[0]["per_task"]))],  # fmt: skip
+            "per_task": [
+                mean_std([r["per_task"][t] for r in rows]) for t in range(len(rows[0]["per_task"]))
+            ],  # fmt: skip
             "avg": mean_std([r["avg"] for r in rows]),
         }
         if "seconds" in rows[0]:

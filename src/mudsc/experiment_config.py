@@ -155,8 +155,9 @@ def _mapping(key: str, value: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
 
 def _choice(key: str, value: Any, choices: list[str] | tuple[str, ...]) -> str:
     if value not in choices:
-        raise MudscError(f"config key {key!r}: {value!r} is not valid; choose one of "
-                         f"{', '.join(choices)}")
+        raise MudscError(
+            f"config key {key!r}: {value!r} is not valid; choose one of {', '.join(choices)}"
+        )
     return value
 
 
@@ -353,8 +354,9 @@ def parse_config(raw: Any, name: str = "experiment") -> ExperimentConfig:
         "data_dir": _optional(_str)("data_dir", raw.get("data_dir")),
         "arch": arch,
         "arch_args": dict(arch_args),
-        "embed_dim": _int("embed_dim", raw.get("embed_dim", 512 if kind == "classification"
-                                               else 64), 1),
+        "embed_dim": _int(
+            "embed_dim", raw.get("embed_dim", 512 if kind == "classification" else 64), 1
+        ),
         "train": _train(raw.get("train")),
         "train_images_per_class": _optional(_int)(
             "train_images_per_class", raw.get("train_images_per_class"), 1

@@ -347,9 +347,13 @@ def merge_pair(
 
     assert cfg.hetero is not None
     dual = METHODS[method].dual
-    alphas: list[float] = list(cfg.alpha_grid) if dual and cfg.alpha == "auto" else [
-        cfg.alpha if dual else 0.5  # type: ignore[list-item]
-    ]
+    alphas: list[float] = (
+        list(cfg.alpha_grid)
+        if dual and cfg.alpha == "auto"
+        else [
+            cfg.alpha if dual else 0.5  # type: ignore[list-item]
+        ]
+    )
     start = time.perf_counter()
     best, scores = None, {}
     for alpha in alphas:
@@ -463,11 +467,15 @@ def run_hetero(
             key = _merge_key(cfg, method, pair, hashes)
             record = None if force else read_record(path, key, force)
             if record is None:
-                record = write_record(path, key, merge_pair(
-                    encoders, batches, method, cfg, scorers[0], scorers[1], device))
+                record = write_record(
+                    path,
+                    key,
+                    merge_pair(encoders, batches, method, cfg, scorers[0], scorers[1], device),
+                )
                 done["merged"] += 1
-            rows[method] = {k: record[k] for k in
-                            ("loss", "scaled", "mean", "alpha", "alpha_scores", "seconds")}
+            rows[method] = {
+                k: record[k] for k in ("loss", "scaled", "mean", "alpha", "alpha_scores", "seconds")
+            }
         step(label, len(cfg.methods), len(cfg.methods), "done")
         pairs.append({"tasks": list(pair), "rows": rows})
 
@@ -549,8 +557,11 @@ def hetero_markdown(results: dict[str, Any]) -> str:
         f"{len(results['pairs'])} encoder pair(s) merged with every method. Scaled performance "
         "x100 = 100 (L_const - L_merged) / (L_const - L_original), mean ± std over the pairs "
         "holding the task; 100 = as good as the original, 0 = as bad as a constant predictor. "
-        + ("Each task keeps its own encoder head (fed through the unmerge matrix)."
-           if cfg["hetero"]["keep_heads"] else "The whole encoder, head included, is merged."),
+        + (
+            "Each task keeps its own encoder head (fed through the unmerge matrix)."
+            if cfg["hetero"]["keep_heads"]
+            else "The whole encoder, head included, is merged."
+        ),
         "",
         _md_table(header, lines),
         "",
@@ -596,4 +607,3 @@ def write_hetero_results(out: Path, results: dict[str, Any]) -> None:
                       [100 * summary[m]["mean"]["std"] for m in methods])  # fmt: skip
     title = f"{results['name']}: scaled performance per task (mean ± std over pairs)"
     bar_chart(out / "results.png", title, methods, series, "scaled performance x100", None)
-

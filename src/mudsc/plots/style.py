@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402  (a matplotlib dependency)
 
-from mudsc.checkpoint import atomic_write_text, refuse_existing  # noqa: E402
+from mudsc.checkpoint import atomic_write_bytes, atomic_write_text, refuse_existing  # noqa: E402
 from mudsc.errors import MudscError  # noqa: E402
 
 # Fixed per method (colour-blind-safe Tol "bright"/"muted" hues): never reassigned by order.
@@ -82,21 +80,6 @@ def refuse_existing_outputs(paths: Iterable[Path], force: bool) -> None:
         refuse_existing(path, force)
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)  # mkstemp creates 0600; give the file the usual permissions
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_figure(fig: Figure, path: str | Path, palette: bool = True) -> Path:
     """Render ``fig`` as PNG into ``path`` through a temporary sibling and a rename.
 
@@ -113,7 +96,7 @@ def save_figure(fig: Figure, path: str | Path, palette: bool = True) -> Path:
         image = image.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", optimize=True)
-    _atomic_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -122,7 +105,7 @@ def save_npz(path: str | Path, arrays: Mapping[str, Any]) -> Path:
     path = Path(path)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
-    _atomic_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
