@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from fixtures_data import write_idx_dataset
+
+from mudsc.data import ENV_VAR
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -17,3 +21,17 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the user's MUDSC_DATA_DIR out of every test."""
+    monkeypatch.delenv(ENV_VAR, raising=False)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated Fashion-MNIST-format IDX folder (400 train / 200 test images)."""
+    root = tmp_path_factory.mktemp("fashion")
+    write_idx_dataset(root, n_train=400, n_test=200)
+    return root

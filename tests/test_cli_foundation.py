@@ -6,12 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from fixtures_data import write_idx_dataset
 from typer.testing import CliRunner, Result
 
 from mudsc.checkpoint import CONFIG_FILE, HEAD_FILE, MODEL_FILE, load_checkpoint
 from mudsc.cli import app
-from mudsc.data import ENV_VAR
 from mudsc.models import names
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -38,18 +36,6 @@ def assert_user_error(result: Result, *words: str) -> None:
     assert result.stderr.lstrip().startswith("error:"), result.stderr
     for word in words:
         assert flat(word) in flat(result.stderr), (word, result.stderr)
-
-
-@pytest.fixture(autouse=True)
-def _isolated_search(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ENV_VAR, raising=False)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("fashion")
-    write_idx_dataset(root, n_train=400, n_test=200)
-    return root
 
 
 @pytest.fixture(scope="module")

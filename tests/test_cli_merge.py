@@ -8,34 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_data import write_idx_dataset
-from typer.testing import CliRunner, Result
+from test_cli_foundation import TRAIN_ARGS, invoke
 
 from mudsc.checkpoint import CONFIG_FILE, load_checkpoint
-from mudsc.cli import app
-from mudsc.data import ENV_VAR
 from mudsc.partial import PartialMerge
-
-TRAIN_ARGS = [
-    "--dataset", "fashion-mnist", "--arch", "mlp", "--arch-args", '{"hidden": 32}',
-    "--embed-dim", "32", "--epochs", "2", "--batch-size", "64", "--lr", "0.05",
-]  # fmt: skip
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-@pytest.fixture(autouse=True)
-def _isolated_search(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ENV_VAR, raising=False)
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("fashion")
-    write_idx_dataset(root, n_train=400, n_test=200)
-    return root
 
 
 @pytest.fixture(scope="module")

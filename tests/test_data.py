@@ -34,12 +34,6 @@ from mudsc.errors import MudscError
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.fixture(autouse=True)
-def _isolated_search(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the user's MUDSC_DATA_DIR out of every test."""
-    monkeypatch.delenv(ENV_VAR, raising=False)
-
-
 def assert_matches(dataset, written) -> None:
     for split in ("train", "test"):
         images = getattr(dataset, f"{split}_images")

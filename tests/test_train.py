@@ -8,7 +8,7 @@ import pytest
 import torch
 from fixtures_data import write_idx_dataset
 
-from mudsc.data import ENV_VAR, ImageDataset, load_dataset
+from mudsc.data import ImageDataset, load_dataset
 from mudsc.errors import MudscError
 from mudsc.models.head import ClassEmbeddingHead
 from mudsc.train import TrainConfig, lr_at, train, train_config_dict
@@ -24,11 +24,6 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> ImageDataset:
     root = tmp_path_factory.mktemp("idx")
     write_idx_dataset(root, n_train=320, n_test=80)
     return load_dataset("fashion-mnist", root)
-
-
-@pytest.fixture(autouse=True)
-def _isolated_search(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(ENV_VAR, raising=False)
 
 
 @pytest.fixture
