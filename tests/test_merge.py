@@ -31,7 +31,9 @@ from mudsc.errors import MudscError
 from mudsc.merge import METHODS, MergeConfig, MergeResult, merge, merge_models
 from mudsc.models import create, names
 from mudsc.repair import has_batchnorm, reset_batchnorm
-from mudsc.solvers.match import Match
+from mudsc.similarity import weight_similarity
+from mudsc.solvers.align import match_from_labels
+from mudsc.solvers.match import Match, identity_match
 from mudsc.spaces import MergeSpec, Space, permute_state, random_permutations, trace
 from mudsc.stats import collect_moments
 
@@ -336,18 +338,23 @@ def test_dead_units_give_finite_merges(name: str, layer: str, consumer: str, met
 # -- 6. weight sweeps ----------------------------------------------------------------------
 
 
-def _scripted(monkeypatch, values: Sequence[float], per_sweep: int, order: list | None = None):
-    """Make every solve of sweep k report the value ``values[k]`` (weight-only methods solve
-    nothing before the sweeps); ``order`` records the first space of every solve."""
-    real = merge_module._solve_unit
+def _scripted(monkeypatch, values: Sequence[float], per_sweep: int):
+    """Make every solve of sweep k return a fresh random pairing with the value
+    ``values[k]`` (weight-only methods solve nothing before the sweeps).  A new pairing at
+    every solve changes every space's neighbours, so no solve is ever skipped as unchanged
+    and sweeps differ from each other."""
     calls = itertools.count()
+    gen = torch.Generator().manual_seed(0)
 
     def solve(spaces, sims, n_models, cfg):
         k = next(calls) // per_sweep
-        if order is not None:
-            order.append(spaces[0].name)
         value = values[min(k, len(values) - 1)]
-        return [dataclasses.replace(m, value=value) for m in real(spaces, sims, n_models, cfg)]
+        out = []
+        for sp in spaces:
+            n = sp.size
+            labels = torch.cat([torch.randperm(n, generator=gen) for _ in range(n_models)])
+            out.append(match_from_labels(labels, n, n_models, value))
+        return out
 
     monkeypatch.setattr(merge_module, "_solve_unit", solve)
 
@@ -398,17 +405,65 @@ def test_sweeps_without_any_gain_end_after_patience(patience: int) -> None:
 def test_sweep_order_is_seeded_and_new_each_sweep(monkeypatch) -> None:
     units = len(case("vgg11").spec.mergeable)
     orders = []
+    real = merge_module._visit_order
     for seed in (0, 0, 1):
-        order: list[str] = []
-        _scripted(monkeypatch, [0.1 * k for k in range(1, 9)], per_sweep=units, order=order)
+        order: list[list[int]] = []
+        monkeypatch.setattr(
+            merge_module,
+            "_visit_order",
+            lambda n, gen, seen=order: seen.append(real(n, gen)) or seen[-1],
+        )
+        _scripted(monkeypatch, [0.1 * k for k in range(1, 9)], per_sweep=units)
         _sweep(name="vgg11", seed=seed, max_sweeps=4)
         orders.append(order)
         monkeypatch.undo()
     assert orders[0] == orders[1]
     assert orders[0] != orders[2]
-    sweeps = [tuple(orders[0][k : k + units]) for k in range(0, 4 * units, units)]
-    assert len(set(sweeps)) > 1
-    assert all(sorted(s) == sorted(sweeps[0]) for s in sweeps)  # every space once a sweep
+    assert len(orders[0]) == 4 and len({tuple(o) for o in orders[0]}) > 1
+    assert all(sorted(o) == list(range(units)) for o in orders[0])  # every unit once a sweep
+
+
+def _plain_sweeps(models, spec: MergeSpec, cfg: MergeConfig) -> dict[str, Match]:
+    """ALGORITHM.md section 5's weight sweeps written plainly: every similarity from
+    scratch, every unit solved at every visit (weight-only methods, no tied spaces)."""
+    states = [m.state_dict() for m in models]
+    spaces = list(spec.mergeable)
+    matches = {s.name: identity_match(s.size, 2) for s in spaces}
+    best, best_score, stale = dict(matches), -math.inf, 0
+    gen = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(cfg.max_sweeps):
+        for u in merge_module._visit_order(len(spaces), gen):
+            s = weight_similarity(spec, spaces[u].name, states, matches, cfg.preset.weight_kind)
+            matches[spaces[u].name] = merge_module._solve_unit([spaces[u]], [s], 2, cfg)[0]
+        score = merge_module._sweep_score(matches)
+        if score > best_score + cfg.tolerance:
+            best, best_score, stale = dict(matches), score, 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                break
+    return best
+
+
+@pytest.mark.parametrize("method", ["wzip", "rebasin"])
+def test_reused_similarities_and_skipped_solves_change_nothing(monkeypatch, method) -> None:
+    """The engine recomputes a tensor's share of a similarity only when a neighbour's
+    match changed and re-solves a unit only when its similarity changed; the plain loop
+    recomputes and re-solves everything.  Both must give the same matches."""
+    c = case("vgg11")
+    models = [c.model, case("vgg11", 2).model]
+    cfg = MergeConfig(method, repair="none", patience=3)
+    expected = _plain_sweeps(models, c.spec, cfg)
+    solves = []
+    real = merge_module._solve_unit
+    monkeypatch.setattr(
+        merge_module, "_solve_unit", lambda *a: solves.append(a[0][0].name) or real(*a)
+    )
+    result = merge_models(models, c.batches, cfg, spec=c.spec)
+    assert len(solves) < result.sweeps * len(c.spec.mergeable)  # some solves were skipped
+    for name, m in expected.items():
+        assert torch.equal(m.unmerge, result.matches[name].unmerge), name
+        assert m.value == pytest.approx(result.matches[name].value, rel=1e-9), name
 
 
 def test_same_seed_same_result() -> None:

@@ -15,7 +15,12 @@ from test_apply import (
 )
 
 from mudsc.errors import MudscError
-from mudsc.similarity import activation_similarity, dual_similarity, weight_similarity
+from mudsc.similarity import (
+    WeightSimilarity,
+    activation_similarity,
+    dual_similarity,
+    weight_similarity,
+)
 from mudsc.stats import collect_moments
 
 
@@ -62,6 +67,29 @@ def test_inner_and_correlation_kinds_match_manual_vectors() -> None:
     assert torch.allclose(inner, x @ x.T, atol=1e-9)
     corr = weight_similarity(spec, "h1", states, {"h2": m2, "h1": random_zip_match(8, 2, 4)})
     assert np.allclose(corr.numpy(), np.corrcoef(x.numpy()), atol=1e-9)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("kind", ["correlation", "inner"])
+def test_kept_tensor_shares_equal_a_fresh_similarity(case: str, kind: str) -> None:
+    """With versions, WeightSimilarity recomputes only the tensors a changed match
+    touches; after any sequence of changes it must equal a from-scratch computation."""
+    (a, spec), (b, _) = make(case, 0), make(case, 1)
+    states = [a.state_dict(), b.state_dict()]
+    names = [s.name for s in spec.mergeable]
+    sizes = {s.name: s.size for s in spec.mergeable}
+    matches = {k: random_zip_match(sizes[k], 2, i) for i, k in enumerate(names)}
+    versions = dict.fromkeys(names, 0)
+    kept = WeightSimilarity(spec, states, kind)  # type: ignore[arg-type]
+    g = torch.Generator().manual_seed(3)
+    for step in range(3 * len(names)):
+        changed = names[int(torch.randint(len(names), (1,), generator=g))]
+        matches[changed] = random_zip_match(sizes[changed], 2, 100 + step)
+        versions[changed] += 1
+        for name in names:
+            got = kept(name, matches, versions)
+            fresh = weight_similarity(spec, name, states, matches, kind)  # type: ignore[arg-type]
+            assert torch.allclose(got, fresh, rtol=1e-9, atol=1e-12), (step, name)
 
 
 def test_dead_weight_rows_are_zero_not_nan() -> None:

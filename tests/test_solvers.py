@@ -20,9 +20,18 @@ from mudsc.solvers import (
     pair_blocks,
     zip_match,
 )
+from mudsc.solvers import zip as zip_module
 from mudsc.solvers.zip import zip_budget
 
 NEG = float("-inf")
+
+
+@pytest.fixture(autouse=True, params=["numpy", "torch"])
+def zip_loop(request, monkeypatch) -> str:
+    """Every test runs with both greedy loops: NumPy (the CPU default) and torch (what
+    GPUs run), so the two must agree with the reference and with each other."""
+    monkeypatch.setattr(zip_module, "_NUMPY_ON_CPU", request.param == "numpy")
+    return request.param
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -513,3 +522,16 @@ def test_zip_matches_plain_reference_on_a_longer_run(a, b):
     np.testing.assert_array_equal(labels_of(zip_match(sim, 2, a=a, b=b)), labels)
     if b < 1:
         assert max(spent) == zip_budget(24, 2, b)  # the budget was used up and respected
+
+
+@pytest.mark.parametrize(("n_models", "a", "b"), [(2, 0.5, 1.0), (3, 0.5, 0.3), (3, 0.0, 1.0)])
+def test_numpy_and_torch_loops_agree_step_for_step(monkeypatch, n_models, a, b):
+    sim = random_similarity(n_models, 150, 3)
+    owner = torch.arange(n_models).repeat_interleave(150)
+    budget = zip_budget(150, n_models, b)
+    monkeypatch.setattr(zip_module, "_NUMPY_ON_CPU", True)
+    fast = zip_module.zip_clusters(sim, owner, n_models, 150, a, budget)
+    monkeypatch.setattr(zip_module, "_NUMPY_ON_CPU", False)
+    slow = zip_module.zip_clusters(sim, owner, n_models, 150, a, budget)
+    assert torch.equal(fast[0], slow[0])
+    assert fast[1] == slow[1]

@@ -7,6 +7,7 @@ method is a row of :data:`METHODS`; nothing is chosen by substrings of a name.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import time
@@ -22,7 +23,12 @@ from mudsc.apply import apply_matches
 from mudsc.errors import MudscError
 from mudsc.partial import PartialMerge, build_partial, resolve_stop, trunk_spaces
 from mudsc.repair import REPAIR_MODES, repair, reset_batchnorm, resolve_mode
-from mudsc.similarity import activation_similarity, dual_similarity, weight_similarity
+from mudsc.similarity import (
+    WeightKind,
+    WeightSimilarity,
+    activation_similarity,
+    dual_similarity,
+)
 from mudsc.solvers import align, block_scores, group_align, group_zip, pair_blocks, zip_match
 from mudsc.solvers.match import Match, identity_match
 from mudsc.spaces import MergeSpec, Space, trace
@@ -299,6 +305,16 @@ def _neighbours(spec: MergeSpec) -> dict[str, tuple[str, ...]]:
     return result
 
 
+def _visit_order(n_units: int, gen: torch.Generator) -> list[int]:
+    """One sweep's order of solve units: a fresh permutation from the seeded generator."""
+    return torch.randperm(n_units, generator=gen).tolist()
+
+
+def _sweep_score(matches: Mapping[str, Match]) -> float:
+    """What a sweep maximises: the mean value of every space's match."""
+    return sum(m.value for m in matches.values()) / max(len(matches), 1)
+
+
 class _Engine:
     """One merge problem: models, spec and (optional) activation similarities."""
 
@@ -318,6 +334,8 @@ class _Engine:
         self.assignment_seconds = 0.0
         self.partial: tuple[MergeSpec, Tensor] | None = None
         self.neighbours = _neighbours(spec)
+        self.weight_sims: dict[WeightKind, WeightSimilarity] = {}
+        self.stamps = itertools.count()
 
     def _solve_timed(self, unit: Sequence[Space], sims: Sequence[Tensor]) -> list[Match]:
         start = time.perf_counter()
@@ -326,17 +344,28 @@ class _Engine:
         finally:
             self.assignment_seconds += time.perf_counter() - start
 
-    def _similarity(self, space: Space, matches: Mapping[str, Match], alpha: float) -> Tensor:
+    def _similarity(
+        self,
+        space: Space,
+        matches: Mapping[str, Match],
+        alpha: float,
+        versions: Mapping[str, int] | None = None,
+    ) -> Tensor:
         preset = self.cfg.preset
         act = self.s_act.get(space.name)
         if not preset.weights or (preset.activations and alpha == 0.0 and act is not None):
             if act is None:
-                return weight_similarity(self.spec, space.name, self.states, matches)
+                return self._weights("correlation")(space.name, matches, versions)
             return act
-        s_w = weight_similarity(self.spec, space.name, self.states, matches, preset.weight_kind)
+        s_w = self._weights(preset.weight_kind)(space.name, matches, versions)
         if act is None or not preset.activations:
             return s_w
         return dual_similarity(s_w, act, alpha)
+
+    def _weights(self, kind: WeightKind) -> WeightSimilarity:
+        if kind not in self.weight_sims:
+            self.weight_sims[kind] = WeightSimilarity(self.spec, self.states, kind)
+        return self.weight_sims[kind]
 
     def initial(self) -> dict[str, Match]:
         """Activation solution where activations are used, identity otherwise."""
@@ -356,28 +385,36 @@ class _Engine:
         best, best_score, stale, sweeps = dict(matches), -math.inf, 0, 0
         gen = torch.Generator().manual_seed(cfg.seed)
         # S(p) depends only on the matches of p's neighbours: recompute it only when one of
-        # them changed since it was last computed (exact; near convergence most are reused)
-        versions = dict.fromkeys(matches, 0)
+        # them changed since it was last computed, and re-solve a unit only when one of its
+        # similarities changed (exact; near convergence most of both are reused).  Version
+        # stamps are unique across calls, so caches kept by the engine never go stale.
+        versions = {name: next(self.stamps) for name in matches}
         cached: dict[str, tuple[tuple[int, ...], Tensor]] = {}
+        solved: dict[int, tuple[tuple[tuple[int, ...], ...], list[Match]]] = {}
 
-        def similarity(space: Space) -> Tensor:
+        def similarity(space: Space) -> tuple[tuple[int, ...], Tensor]:
             key = tuple(versions[q] for q in self.neighbours[space.name])
             hit = cached.get(space.name)
             if hit is None or hit[0] != key:
-                hit = (key, self._similarity(space, matches, alpha))
+                hit = (key, self._similarity(space, matches, alpha, versions))
                 cached[space.name] = hit
-            return hit[1]
+            return hit
 
         for sweep in range(cfg.max_sweeps):
             sweeps = sweep + 1
-            for u in torch.randperm(len(self.units), generator=gen).tolist():
+            for u in _visit_order(len(self.units), gen):
                 unit = self.units[u]
-                sims = [similarity(sp) for sp in unit]
-                for sp, m in zip(unit, self._solve_timed(unit, sims), strict=True):
+                keyed = [similarity(sp) for sp in unit]
+                key = tuple(k for k, _ in keyed)
+                if u in solved and solved[u][0] == key:
+                    continue  # same similarities, same (deterministic) solution
+                result = self._solve_timed(unit, [s for _, s in keyed])
+                solved[u] = (key, result)
+                for sp, m in zip(unit, result, strict=True):
                     if not torch.equal(m.unmerge, matches[sp.name].unmerge):
-                        versions[sp.name] += 1
+                        versions[sp.name] = next(self.stamps)
                     matches[sp.name] = m
-            score = sum(m.value for m in matches.values()) / max(len(matches), 1)
+            score = _sweep_score(matches)
             if self.progress:
                 self.progress("weight sweeps", sweeps, cfg.max_sweeps)
             if score > best_score + cfg.tolerance:

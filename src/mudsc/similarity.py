@@ -9,6 +9,7 @@ in (Git Re-Basin's trick with the final-merge rule, for alignment and zip alike)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor
 from mudsc.apply import check_matches, transform_tensor
 from mudsc.errors import MudscError
 from mudsc.solvers.match import Match
-from mudsc.spaces.spec import MergeSpec
+from mudsc.spaces.spec import Member, MergeSpec, Space
 from mudsc.stats import SpaceMoments, pearson
 
 WeightKind = Literal["correlation", "inner"]
@@ -28,52 +29,123 @@ def activation_similarity(moments: SpaceMoments, eps: float = 1e-7) -> Tensor:
     return moments.correlation(eps)
 
 
-def unit_vectors(
-    spec: MergeSpec,
-    space_name: str,
-    states: Sequence[Mapping[str, Tensor]],
-    matches: Mapping[str, Match],
-) -> Tensor:
-    """(N*n, D) float64: each unit's weights (all non-ignored members, concatenated).
+def _members_by_tensor(space: Space) -> dict[str, list[Member]]:
+    """A space's non-ignored members grouped by tensor, in spec order."""
+    groups: dict[str, list[Member]] = {}
+    for m in space.producers + space.consumers:
+        groups.setdefault(m.tensor, []).append(m)
+    return groups
 
-    Axes of other matched spaces are first re-expressed in the merged basis; the space's
-    own axes stay in each model's basis; ignored members (running statistics) are left out.
+
+@dataclass(frozen=True)
+class _Part:
+    """One tensor's share of a space's unit vectors, as centred moments that add up
+    across tensors (Chan's parallel formula), so that a tensor is recomputed only when
+    the matches of its other axes change."""
+
+    gram: Tensor  # (N*n, N*n) float64: centred (correlation) or raw (inner) products
+    mean: Tensor  # (N*n,) float64 row means over this tensor's columns
+    width: int
+
+
+class WeightSimilarity:
+    """S_w of every space of one merge problem: row-wise Pearson correlation of the units'
+    weight vectors (all non-ignored members, neighbour axes in the merged basis), or raw
+    inner products (``kind="inner"``, Git Re-Basin's objective).  Dead units are 0.
+
+    Called with ``versions`` (a counter per space that changes whenever its match
+    changes), it keeps every tensor's share and recomputes only the tensors whose other
+    spaces' versions moved: exact, and most of a weight sweep's work near convergence.
     """
-    space = spec.space(space_name)
-    if space.fixed:
-        raise MudscError(f"space {space_name!r} is fixed; it has no weight similarity")
-    members = space.producers + space.consumers
-    if not members:
-        raise MudscError(f"space {space_name!r} has no producer or consumer to compare")
-    if not states:
-        raise MudscError("weight similarity needs at least one model state")
-    check_matches(spec, matches, len(states))
-    uses = spec.tensor_uses()
-    spaces = {s.name: s for s in spec.mergeable}
-    n = space.size
-    rows = []
-    for i, state in enumerate(states):
-        cache: dict[str, Tensor] = {}
+
+    def __init__(
+        self,
+        spec: MergeSpec,
+        states: Sequence[Mapping[str, Tensor]],
+        kind: WeightKind = "correlation",
+    ) -> None:
+        if kind not in ("correlation", "inner"):
+            raise MudscError(
+                f"unknown weight similarity kind {kind!r}; use 'correlation' or 'inner'"
+            )
+        if not states:
+            raise MudscError("weight similarity needs at least one model state")
+        self.spec, self.states, self.kind = spec, states, kind
+        self.uses = spec.tensor_uses()
+        self.spaces = {s.name: s for s in spec.mergeable}
+        self._parts: dict[tuple[str, str], tuple[tuple, _Part]] = {}
+
+    def __call__(
+        self,
+        space_name: str,
+        matches: Mapping[str, Match],
+        versions: Mapping[str, int] | None = None,
+    ) -> Tensor:
+        space = self.spec.space(space_name)
+        if space.fixed:
+            raise MudscError(f"space {space_name!r} is fixed; it has no weight similarity")
+        groups = _members_by_tensor(space)
+        if not groups:
+            raise MudscError(f"space {space_name!r} has no producer or consumer to compare")
+        check_matches(self.spec, matches, len(self.states))
         parts = []
-        for m in members:
-            if m.tensor not in state:
+        for tensor, members in groups.items():
+            if versions is None:
+                parts.append(self._part(space, tensor, members, matches))
+                continue
+            key = tuple(
+                (u.space, versions[u.space] if u.space in matches else None)
+                for u in self.uses[tensor]
+                if u.space != space_name
+            )
+            hit = self._parts.get((space_name, tensor))
+            if hit is None or hit[0] != key:
+                hit = (key, self._part(space, tensor, members, matches))
+                self._parts[(space_name, tensor)] = hit
+            parts.append(hit[1])
+        return self._combine(parts)
+
+    def _part(
+        self, space: Space, tensor: str, members: Sequence[Member], matches: Mapping[str, Match]
+    ) -> _Part:
+        n = space.size
+        rows = []
+        for i, state in enumerate(self.states):
+            if tensor not in state:
                 raise MudscError(
-                    f"space {space_name!r}: model {i} has no tensor {m.tensor!r}; the spec was "
+                    f"space {space.name!r}: model {i} has no tensor {tensor!r}; the spec was "
                     "made for another architecture"
                 )
-            if m.tensor not in cache:
-                t = state[m.tensor]
-                t = t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
-                cache[m.tensor] = transform_tensor(
-                    m.tensor, t, uses[m.tensor], i, matches, spaces, space_name, compress=False
-                )
-            t = cache[m.tensor]
-            axis = m.axis % t.dim()
-            x = t.narrow(axis, m.start, n * m.inner).movedim(axis, 0)
-            parts.append(x.reshape(n, -1))
-        rows.append(torch.cat(parts, dim=1))
-    device = rows[0].device
-    return torch.cat([r.to(device) for r in rows], dim=0)
+            t = state[tensor]
+            t = t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
+            t = transform_tensor(
+                tensor, t, self.uses[tensor], i, matches, self.spaces, space.name, compress=False
+            )
+            cols = []
+            for m in members:
+                axis = m.axis % t.dim()
+                cols.append(t.narrow(axis, m.start, n * m.inner).movedim(axis, 0).reshape(n, -1))
+            rows.append(torch.cat(cols, dim=1))
+        device = rows[0].device
+        x = torch.cat([r.to(device) for r in rows], dim=0)
+        if self.kind == "inner":
+            return _Part((x @ x.T).to(torch.float64), x.new_zeros(0), x.shape[1])
+        mean = x.mean(dim=1)
+        xc = x - mean[:, None]
+        return _Part((xc @ xc.T).to(torch.float64), mean.to(torch.float64), x.shape[1])
+
+    def _combine(self, parts: Sequence[_Part]) -> Tensor:
+        gram = parts[0].gram.clone()
+        for p in parts[1:]:
+            gram += p.gram
+        if self.kind == "inner":
+            return gram
+        width = sum(p.width for p in parts)
+        mean = sum(p.mean * (p.width / width) for p in parts)
+        for p in parts if len(parts) > 1 else ():
+            shift = p.mean - mean
+            gram += p.width * torch.outer(shift, shift)
+        return pearson(gram / width, mean, torch.finfo(torch.float64).tiny)
 
 
 def weight_similarity(
@@ -83,17 +155,8 @@ def weight_similarity(
     matches: Mapping[str, Match],
     kind: WeightKind = "correlation",
 ) -> Tensor:
-    """S_w of one space: row-wise Pearson correlation of the unit vectors, or raw inner
-    products (``kind="inner"``, Git Re-Basin's objective).  Dead (constant) units are 0."""
-    if kind not in ("correlation", "inner"):
-        raise MudscError(f"unknown weight similarity kind {kind!r}; use 'correlation' or 'inner'")
-    x = unit_vectors(spec, space_name, states, matches)
-    if kind == "inner":
-        return (x @ x.T).to(torch.float64)
-    mean = x.mean(dim=1)
-    xc = x - mean[:, None]
-    cov = (xc @ xc.T / x.shape[1]).to(torch.float64)
-    return pearson(cov, mean.to(torch.float64), torch.finfo(torch.float64).tiny)
+    """S_w of one space (see ``WeightSimilarity``), computed from scratch."""
+    return WeightSimilarity(spec, states, kind)(space_name, matches)
 
 
 def dual_similarity(s_weight: Tensor, s_act: Tensor, alpha: float) -> Tensor:
