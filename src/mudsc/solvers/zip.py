@@ -174,14 +174,8 @@ def _greedy_torch(
     picked: list[float] = []
     forced = 0
     for _ in range(m - n_out):
-        r = int(rowmax.argmax())
-        value = float(rowmax[r])
-        if value == neg:  # no legal pair left (a <= 0, N >= 3): least-bad illegal merge
-            r, c = divmod(int(work.argmax()), m)
-            value = float(work[r, c])
-            forced += 1
-        else:
-            c = int(rowarg[r])
+        r, c, value, stuck = _pick(rowmax, rowarg, work)
+        forced += stuck
         i, j = min(r, c), max(r, c)
         picked.append(value)
         parent[j] = i
@@ -235,14 +229,8 @@ def _greedy_numpy(
     picked: list[float] = []
     forced = 0
     for _ in range(m - n_out):
-        r = int(rowmax.argmax())
-        value = float(rowmax[r])
-        if value == neg:  # no legal pair left (a <= 0, N >= 3): least-bad illegal merge
-            r, c = divmod(int(work.argmax()), m)
-            value = float(work[r, c])
-            forced += 1
-        else:
-            c = int(rowarg[r])
+        r, c, value, stuck = _pick(rowmax, rowarg, work)
+        forced += stuck
         i, j = min(r, c), max(r, c)
         picked.append(value)
         parent[j] = i
@@ -268,6 +256,20 @@ def _greedy_numpy(
         rows = np.concatenate([np.flatnonzero(stale), [i, j]])
         rowmax[rows], rowarg[rows] = best(rows)
     return parent, picked, forced
+
+
+_Array = torch.Tensor | np.ndarray
+
+
+def _pick(rowmax: _Array, rowarg: _Array, work: _Array) -> tuple[int, int, float, bool]:
+    """The pair to merge next: the best cached legal pair or, when no legal pair is left
+    (a <= 0, N >= 3), the most similar pair of all (flagged as forced)."""
+    r = int(rowmax.argmax())
+    value = float(rowmax[r])
+    if value != float("-inf"):
+        return r, int(rowarg[r]), value, False
+    r, c = divmod(int(work.argmax()), work.shape[0])
+    return r, c, float(work[r, c]), True
 
 
 def _single(mask: int) -> bool:
