@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from mudsc.errors import MudscError
 from mudsc.similarity import activation_similarity
 from mudsc.spaces.spec import MergeSpec, Space, Tap
-from mudsc.stats import CHUNK_ROWS, SpaceMoments, collect_moments
+from mudsc.stats import CHUNK_ROWS, SpaceMoments, collect_moments, model_gram
 
 
 def channels_last(x: Tensor) -> Tensor:
@@ -204,3 +204,9 @@ def test_correlation_of_duplicated_and_dead_units() -> None:
         corr[live, [u + 8 for u in live]], torch.ones(len(live), dtype=torch.float64), atol=1e-6
     )
     assert corr.abs().max() <= 1.0
+
+
+@pytest.mark.parametrize(("n_models", "width"), [(1, 6), (2, 10), (3, 12), (2, 7)])
+def test_model_gram_equals_the_full_product(n_models: int, width: int) -> None:
+    x = torch.randn(50, width, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(model_gram(x, n_models), x.T @ x, rtol=1e-12, atol=1e-12)

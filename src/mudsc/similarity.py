@@ -19,7 +19,7 @@ from mudsc.apply import check_matches, transform_tensor
 from mudsc.errors import MudscError
 from mudsc.solvers.match import Match
 from mudsc.spaces.spec import Member, MergeSpec, Space
-from mudsc.stats import SpaceMoments, pearson
+from mudsc.stats import SpaceMoments, model_gram, pearson
 
 WeightKind = Literal["correlation", "inner"]
 
@@ -129,10 +129,13 @@ class WeightSimilarity:
         device = rows[0].device
         x = torch.cat([r.to(device) for r in rows], dim=0)
         if self.kind == "inner":
-            return _Part((x @ x.T).to(torch.float64), x.new_zeros(0), x.shape[1])
+            return _Part(self._gram(x), x.new_zeros(0), x.shape[1])
         mean = x.mean(dim=1)
         xc = x - mean[:, None]
-        return _Part((xc @ xc.T).to(torch.float64), mean.to(torch.float64), x.shape[1])
+        return _Part(self._gram(xc), mean.to(torch.float64), x.shape[1])
+
+    def _gram(self, x: Tensor) -> Tensor:
+        return model_gram(x.T, len(self.states)).to(torch.float64)
 
     def _combine(self, parts: Sequence[_Part]) -> Tensor:
         gram = parts[0].gram.clone()
