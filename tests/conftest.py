@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import train_sources
 from fixtures_data import write_idx_dataset
 
 from mudsc.data import ENV_VAR
@@ -35,3 +36,9 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fashion")
     write_idx_dataset(root, n_train=400, n_test=200)
     return root
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two source checkpoints, trained once per module with the CLI: classes 0-4 and 5-9."""
+    return train_sources(data_dir, tmp_path_factory.mktemp("runs"))

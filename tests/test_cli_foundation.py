@@ -6,26 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner, Result
+from cli_helpers import TRAIN_ARGS, flat, invoke
+from typer.testing import Result
 
 from mudsc.checkpoint import CONFIG_FILE, HEAD_FILE, MODEL_FILE, load_checkpoint
-from mudsc.cli import app
 from mudsc.models import names
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-TRAIN_ARGS = [
-    "--dataset", "fashion-mnist", "--arch", "mlp", "--arch-args", '{"hidden": 32}',
-    "--embed-dim", "32", "--epochs", "2", "--batch-size", "64", "--lr", "0.05",
-]  # fmt: skip
-
-
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def flat(text: str) -> str:
-    """Output without whitespace: rich wraps long lines (and paths) at the console width."""
-    return "".join(text.split())
 
 
 def assert_user_error(result: Result, *words: str) -> None:
@@ -36,20 +23,6 @@ def assert_user_error(result: Result, *words: str) -> None:
     assert result.stderr.lstrip().startswith("error:"), result.stderr
     for word in words:
         assert flat(word) in flat(result.stderr), (word, result.stderr)
-
-
-@pytest.fixture(scope="module")
-def runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two source checkpoints, trained once for the module: classes 0-4 and 5-9."""
-    out = tmp_path_factory.mktemp("runs")
-    paths = {}
-    for name, task, seed in (("a", "0,1,2,3,4", 0), ("b", "5,6,7,8,9", 1)):
-        paths[name] = out / name
-        result = invoke("train", "-o", paths[name], "--data-dir", data_dir, "--task", task,
-                        "--seed", seed, *TRAIN_ARGS)  # fmt: skip
-        assert result.exit_code == 0, result.output
-        assert flat(f"saved {paths[name]}") in flat(result.stdout)
-    return paths
 
 
 def test_train_writes_a_checkpoint(runs: dict[str, Path]) -> None:

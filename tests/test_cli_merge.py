@@ -8,22 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli_foundation import TRAIN_ARGS, invoke
+from cli_helpers import invoke
 
 from mudsc.checkpoint import CONFIG_FILE, load_checkpoint
 from mudsc.partial import PartialMerge
-
-
-@pytest.fixture(scope="module")
-def runs(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    out = tmp_path_factory.mktemp("runs")
-    paths = {}
-    for name, task, seed in (("a", "0,1,2,3,4", 0), ("b", "5,6,7,8,9", 1)):
-        paths[name] = out / name
-        result = invoke("train", "-o", paths[name], "--data-dir", data_dir, "--task", task,
-                        "--seed", seed, *TRAIN_ARGS)  # fmt: skip
-        assert result.exit_code == 0, result.output
-    return paths
 
 
 def test_merge_writes_a_checkpoint_with_a_merge_card(

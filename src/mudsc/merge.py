@@ -390,7 +390,7 @@ class _Engine:
         # stamps are unique across calls, so caches kept by the engine never go stale.
         versions = {name: next(self.stamps) for name in matches}
         cached: dict[str, tuple[tuple[int, ...], Tensor]] = {}
-        solved: dict[int, tuple[tuple[tuple[int, ...], ...], list[Match]]] = {}
+        solved: dict[int, tuple[tuple[int, ...], ...]] = {}  # unit -> keys it was solved for
 
         def similarity(space: Space) -> tuple[tuple[int, ...], Tensor]:
             key = tuple(versions[q] for q in self.neighbours[space.name])
@@ -406,10 +406,10 @@ class _Engine:
                 unit = self.units[u]
                 keyed = [similarity(sp) for sp in unit]
                 key = tuple(k for k, _ in keyed)
-                if u in solved and solved[u][0] == key:
+                if solved.get(u) == key:
                     continue  # same similarities, same (deterministic) solution
                 result = self._solve_timed(unit, [s for _, s in keyed])
-                solved[u] = (key, result)
+                solved[u] = key
                 for sp, m in zip(unit, result, strict=True):
                     if not torch.equal(m.unmerge, matches[sp.name].unmerge):
                         versions[sp.name] = next(self.stamps)
