@@ -9,17 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import mudsc.atomic as atomic_module
 import mudsc.checkpoint as ckpt
-from mudsc.checkpoint import (
-    CONFIG_FILE,
-    HEAD_FILE,
-    MODEL_FILE,
-    atomic_directory,
-    atomic_write_text,
-    load_checkpoint,
-    refuse_existing,
-    save_checkpoint,
-)
+from mudsc.atomic import atomic_directory, atomic_write_text, refuse_existing
+from mudsc.checkpoint import CONFIG_FILE, HEAD_FILE, MODEL_FILE, load_checkpoint, save_checkpoint
 from mudsc.errors import MudscError
 from mudsc.models import ClassEmbeddingHead, create
 
@@ -204,7 +197,7 @@ def test_atomic_write_text(tmp_path: Path, monkeypatch) -> None:
     def broken_replace(src, dst):
         raise OSError("rename failed")
 
-    monkeypatch.setattr(ckpt.os, "replace", broken_replace)
+    monkeypatch.setattr(atomic_module.os, "replace", broken_replace)
     with pytest.raises(OSError):
         atomic_write_text(target, "three")
     assert target.read_text() == "two"

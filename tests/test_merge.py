@@ -499,10 +499,11 @@ def test_alpha_auto_scores_every_alpha_on_held_out_data() -> None:
 
 def test_alpha_auto_with_a_user_score() -> None:
     scores = iter([0.3, 0.9, 0.1])
-    seen: list[nn.Module] = []
+    seen: list[MergeResult] = []
 
-    def score(model: nn.Module) -> float:
-        seen.append(model)
+    def score(candidate: MergeResult) -> float:
+        seen.append(candidate)
+        assert candidate.alpha == GRID[len(seen) - 1] and candidate.matches
         return next(scores)
 
     c = case("mlp")
@@ -510,7 +511,7 @@ def test_alpha_auto_with_a_user_score() -> None:
     result = merge_models(_auto_models(), c.batches, cfg, spec=c.spec, score_fn=score)
     assert result.alpha_scores == {0.2: 0.3, 0.5: 0.9, 0.8: 0.1}
     assert result.alpha == 0.5
-    assert result.model is seen[1]
+    assert result.model is seen[1].model
     assert result.calibration_batches == len(c.batches)  # nothing held out
 
 

@@ -159,7 +159,8 @@ def train(
     force: bool = typer.Option(False, help="Replace an existing output directory."),
 ) -> None:
     """Train a source model on one task's classes and save it as a checkpoint."""
-    from mudsc.checkpoint import refuse_existing, save_checkpoint
+    from mudsc.atomic import refuse_existing
+    from mudsc.checkpoint import save_checkpoint
     from mudsc.data import (
         load_dataset,
         parse_classes,
@@ -394,7 +395,8 @@ def merge(
     force: bool = typer.Option(False, help="Replace an existing output directory."),
 ) -> None:
     """Merge source checkpoints into one model and save it with its merge card."""
-    from mudsc.checkpoint import load_checkpoint, refuse_existing, save_checkpoint
+    from mudsc.atomic import refuse_existing
+    from mudsc.checkpoint import load_checkpoint, save_checkpoint
     from mudsc.data import load_dataset
     from mudsc.evaluate import evaluate
     from mudsc.merge import MergeConfig, merge_models
@@ -425,8 +427,8 @@ def merge(
     score_fn = None
     if held is not None and head is not None and tasks:
 
-        def score_fn(model: torch.nn.Module) -> float:
-            return evaluate(model, held[0], held[1], tasks, head, dev, batch_size).avg
+        def score_fn(candidate: Any) -> float:
+            return evaluate(candidate.model, held[0], held[1], tasks, head, dev, batch_size).avg
 
     with progress_bar() as bar:
         jobs: dict[str, Any] = {}

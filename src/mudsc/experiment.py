@@ -33,7 +33,8 @@ import torch
 import yaml
 from torch import nn
 
-from mudsc.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from mudsc.atomic import atomic_write_text
+from mudsc.checkpoint import load_checkpoint, save_checkpoint
 from mudsc.data import ImageDataset, augment, load_dataset, parse_split, split_classes
 from mudsc.errors import MudscError
 from mudsc.evaluate import Report, embed, evaluate_embeddings
@@ -345,7 +346,7 @@ def _run_merge(
     batches: list[torch.Tensor],
     method: str,
     cfg: ExperimentConfig,
-    score_fn: Callable[[nn.Module], float] | None,
+    score_fn: Callable[[Any], float] | None,
     device: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """One merge with the engine; returns the model and a JSON-ready record of it."""
@@ -379,12 +380,12 @@ def accuracy_score(
     head: ClassEmbeddingHead,
     batch_size: int,
     device: Any,
-) -> Callable[[nn.Module], float]:
+) -> Callable[[Any], float]:
     """score_fn for ``alpha: auto``: average per-task accuracy on labelled training images."""
 
-    def score(model: nn.Module) -> float:
-        return evaluate_embeddings([embed(model, held[0], batch_size, device)], held[1], tasks,
-                                   head).avg  # fmt: skip
+    def score(candidate: Any) -> float:
+        emb = embed(candidate.model, held[0], batch_size, device)
+        return evaluate_embeddings([emb], held[1], tasks, head).avg
 
     return score
 

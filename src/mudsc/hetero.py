@@ -30,7 +30,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from mudsc.checkpoint import atomic_directory, load_checkpoint, save_checkpoint
+from mudsc.atomic import atomic_directory
+from mudsc.checkpoint import load_checkpoint, save_checkpoint
 from mudsc.data import ImageDataset, augment
 from mudsc.errors import MudscError
 from mudsc.experiment import (
@@ -583,7 +584,7 @@ def hetero_markdown(results: dict[str, Any]) -> str:
 
 def write_hetero_results(out: Path, results: dict[str, Any]) -> None:
     """results.json, results.csv, results.md, results.png (atomic writes)."""
-    from mudsc.checkpoint import atomic_write_text
+    from mudsc.atomic import atomic_write_text
 
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
     lines = ["pair,method,task,loss,scaled,alpha,merge_seconds"]

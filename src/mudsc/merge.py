@@ -486,11 +486,16 @@ def merge_models(
     data: Iterable[Any] | None = None,
     config: MergeConfig | None = None,
     spec: MergeSpec | None = None,
-    score_fn: Callable[[nn.Module], float] | None = None,
+    score_fn: Callable[[MergeResult], float] | None = None,
     example_input: Tensor | None = None,
     progress: Progress | None = None,
 ) -> MergeResult:
-    """Merge ``models`` and return the model with its full record (see :func:`merge`)."""
+    """Merge ``models`` and return the model with its full record (see :func:`merge`).
+
+    With ``alpha="auto"``, ``score_fn`` receives each grid point's candidate result (model,
+    matches, spec, alpha) and returns a score to maximise; one trace and one statistics pass
+    serve the whole grid.
+    """
     cfg = config or MergeConfig()
     preset = cfg.preset
     models = list(models)
@@ -583,7 +588,11 @@ def merge_models(
             break
         t = time.perf_counter()
         merged.eval()
-        score = score_fn(merged) if score_fn is not None else _agreement(merged, models, held)
+        if score_fn is not None:
+            candidate = MergeResult(merged, spec, dict(matches), cfg, alpha, sweeps=sweeps)
+            score = score_fn(candidate)
+        else:
+            score = _agreement(merged, models, held)
         timer.add("alpha search", t)
         scores[float(alpha)] = float(score)
         log.info("alpha %.2f: score %.4f", alpha, score)
@@ -624,7 +633,7 @@ def merge(
     method: str = "mudsc-zip",
     *,
     spec: MergeSpec | None = None,
-    score_fn: Callable[[nn.Module], float] | None = None,
+    score_fn: Callable[[MergeResult], float] | None = None,
     example_input: Tensor | None = None,
     **config: Any,
 ) -> nn.Module:

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402  (a matplotlib dependency)
 
-from mudsc.checkpoint import atomic_write_bytes, atomic_write_text, refuse_existing  # noqa: E402
+from mudsc.atomic import atomic_write_bytes, atomic_write_text, refuse_existing  # noqa: E402
 from mudsc.errors import MudscError  # noqa: E402
 
 # Fixed per method (colour-blind-safe Tol "bright"/"muted" hues): never reassigned by order.
