@@ -52,6 +52,11 @@ class MethodPreset:
     dual: bool = False
     description: str = ""
 
+    @property
+    def uses_alpha(self) -> bool:
+        """Whether the method blends activation and weight similarity (alpha matters)."""
+        return self.dual
+
 
 METHODS: dict[str, MethodPreset] = {
     "avg": MethodPreset(False, False, "identity", description="weight averaging"),
