@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 
@@ -10,7 +11,7 @@ import torch
 from archs import DenseNetish, MHANet, SDPABlock
 from invariance import randomise_
 from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from mudsc.errors import MudscError
 from mudsc.models import create
@@ -19,6 +20,7 @@ from mudsc.partial import (
     block_map,
     build_partial,
     resolve_stop,
+    space_keys,
     stop_choices,
     trunk_spaces,
 )
@@ -209,6 +211,87 @@ def test_heads_need_the_unmerge() -> None:
     torch.testing.assert_close(good, model(x), rtol=0, atol=1e-6)
     assert (bad - good).abs().max() > 1e-3
     assert (skewed - good).abs().max() > 1e-3
+
+
+# -- specs passed by hand, one trace ---------------------------------------------------
+
+
+def _renamed(spec: MergeSpec) -> MergeSpec:
+    """The same spaces under other names (block ties renamed alike)."""
+
+    def tie(name: str | None) -> str | None:
+        return None if name is None else f"tie.{name}"
+
+    spaces = tuple(
+        dataclasses.replace(s, name=f"hand.{s.name}", block_tie=tie(s.block_tie))
+        for s in spec.spaces
+    )
+    return MergeSpec(spaces, spec.warnings)
+
+
+@pytest.mark.parametrize(
+    ("arch", "stop"),
+    [
+        ("resnet20", "layer1.1.bn2"),
+        ("vit", "blocks.0.attn.qkv"),
+        ("densenet", "bn"),
+        ("sdpa", "k"),
+        ("scores", "scores"),
+    ],
+)
+def test_a_hand_passed_spec_gives_the_same_partial_merge(arch: str, stop: str) -> None:
+    model, traced, x = _setup(arch)
+    _, other, matches = _permuted_pair(arch)
+    ref = build_partial([model, other], traced, matches, stop)
+    renamed = _renamed(traced.spec)
+    hand_matches = {f"hand.{name}": m for name, m in matches.items()}
+    for spec in (renamed, MergeSpec.from_json(renamed.to_json())):
+        pm = build_partial([model, other], traced, hand_matches, stop, spec)
+        assert pm.meta["trunk_spaces"] == [f"hand.{n}" for n in ref.meta["trunk_spaces"]]
+        got, want = pm.state_dict(), ref.state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+        with torch.no_grad():
+            assert torch.equal(pm(x), ref(x))
+
+
+@pytest.mark.parametrize("arch", sorted(ZOO))
+def test_every_traced_space_maps_to_its_own_layout_key(arch: str) -> None:
+    _, traced, _ = _setup(arch)
+    assert space_keys(traced, traced.spec.spaces) == dict(traced.keys)
+    assert set(traced.keys) == {s.name for s in traced.spec.spaces}
+
+
+def test_a_hand_spec_that_is_not_the_traced_one_is_refused_by_name() -> None:
+    model, traced, _ = _setup("mlp")
+    first = traced.spec.mergeable[0]
+    moved = dataclasses.replace(
+        first, name="mine", producers=(dataclasses.replace(first.producers[0], tensor="nope"),)
+    )
+    spec = MergeSpec(tuple(moved if s is first else s for s in traced.spec.spaces))
+    with pytest.raises(MudscError, match="space 'mine'"):
+        build_partial([model, model], traced, {}, "features.2", spec)
+
+
+def test_one_partial_merge_traces_the_model_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[nn.Module] = []
+    real = fx.Tracer.trace
+
+    def counted(self: fx.Tracer, root: nn.Module, *args: object, **kwargs: object) -> fx.Graph:
+        calls.append(root)
+        return real(self, root, *args, **kwargs)
+
+    monkeypatch.setattr(fx.Tracer, "trace", counted)
+    model, other, matches = _fresh("resnet20"), _fresh("resnet20"), {}
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+    traced = trace_model(model, x)
+    resolve_stop(traced, "layer1")
+    stop_choices(traced)
+    pm = build_partial([model, other], traced, matches, "layer1")
+    assert len(calls) == 1
+    state, meta = pm.to_record()
+    PartialMerge.from_record(lambda: _fresh("resnet20"), x, state, meta)
+    assert len(calls) == 2
 
 
 # -- non-permutation (zip) matches -----------------------------------------------------
