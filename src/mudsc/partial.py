@@ -143,7 +143,7 @@ def _space_ends(g: _Graph, spec: MergeSpec) -> list[tuple[int, str]]:
 def stop_choices(traced: TracedModel, spec: MergeSpec | None = None) -> tuple[list[str], int]:
     """Module paths (up to two levels, forward order) and the largest k a stop may name
     (``spec``: the spec to count spaces of, by default the traced one)."""
-    return _choices(_Graph(traced), spec or traced.spec)
+    return _choices(_Graph(traced), traced.spec if spec is None else spec)
 
 
 def _choices(g: _Graph, spec: MergeSpec) -> tuple[list[str], int]:
@@ -159,7 +159,7 @@ def _choices(g: _Graph, spec: MergeSpec) -> tuple[list[str], int]:
 def resolve_stop(traced: TracedModel, stop_at: StopAt, spec: MergeSpec | None = None) -> Cut:
     """Turn a module path or a space count (of ``spec``, by default the traced one) into a
     :class:`Cut` of the traced graph."""
-    return _resolve(_Graph(traced), spec or traced.spec, stop_at)
+    return _resolve(_Graph(traced), traced.spec if spec is None else spec, stop_at)
 
 
 def _resolve(g: _Graph, spec: MergeSpec, stop_at: StopAt) -> Cut:
