@@ -7,13 +7,14 @@ import dataclasses
 
 import pytest
 import torch
-from archs import ARCHS, Branchy, MHANet, TokenModel
+from archs import ARCHS, Branchy, MHANet, TokenModel, _BranchyInner
 from invariance import assert_invariant, randomise_
 from torch import Tensor, nn
 
 from mudsc.errors import MudscError
 from mudsc.models import create, names
-from mudsc.spaces import MergeSpec, register_module_rule, trace
+from mudsc.spaces import MergeSpec, Rules, register_module_rule, trace
+from mudsc.spaces.rules import RULES
 
 # Small configurations: (kwargs at width A, kwargs at width B), image size.
 _ZOO = {
@@ -257,6 +258,33 @@ def test_untraceable_model_raises_a_clear_error() -> None:
     text = str(info.value)
     assert "torch.fx" in text and "'inner' (_BranchyInner)" in text
     assert "control flow" in text and "MergeSpec.from_json" in text and "mudsc spec" in text
+
+
+def _branchy_inner_rule(ctx):
+    """Rows of ``fc`` produce the output (its sign flip keeps their order)."""
+    x = ctx.tensor(0)
+    out = ctx.fresh(ctx.module.fc.out_features)
+    for tensor in ("fc.weight", "fc.bias"):
+        ctx.member(f"{ctx.path}.{tensor}", 0, out, "producer")
+    return ctx.record(type(x)((x.dims[0], out), ctx.out_shape()))
+
+
+def test_rules_passed_for_one_call_leave_the_default_registry_alone() -> None:
+    """Branchy's inner module branches on tensor values: fx cannot follow it, but a rule
+    passed for one call makes it a leaf."""
+    extra = Rules()
+    extra.module(_BranchyInner)(_branchy_inner_rule)
+    before = (dict(RULES.functions), dict(RULES.methods), list(RULES.layers))
+    torch.manual_seed(0)
+    model = randomise_(Branchy().double(), torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    spec = trace(model, x, rules=extra)
+    assert [s.name for s in spec.mergeable] == ["inner.fc"] and not spec.warnings
+    assert_invariant(model.eval(), spec, x)
+    assert (dict(RULES.functions), dict(RULES.methods), list(RULES.layers)) == before
+    assert RULES.module_rule(model.inner) is None
+    with pytest.raises(MudscError, match="cannot trace"):
+        trace(model, x)
 
 
 def test_bad_example_input_raises_a_clear_error() -> None:

@@ -28,8 +28,9 @@ The trunk is always a prefix of the forward (execution) order.  Parameter-only n
 uses them; a head that needs one recomputes it from its own model's weights.
 
 Which slices of a crossing tensor belong to which space is read off the tracer's own
-layout analysis (the same union-find that defines the spaces), so it is exact for
-channel concatenations, fused projections and flattened maps alike.
+layout analysis (the same union-find that defines the spaces, kept in the
+:class:`~mudsc.spaces.TracedModel`), so it is exact for channel concatenations, fused
+projections and flattened maps alike.  Nothing here traces: the caller traces once.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import dataclasses
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -49,10 +50,10 @@ from torch import Tensor, fx, nn
 from mudsc.apply import apply_matches, check_matches, contract_axis
 from mudsc.errors import MudscError
 from mudsc.solvers.match import Match, identity_match
-from mudsc.spaces.build import _Builder
-from mudsc.spaces.context import Stacked, TDims
-from mudsc.spaces.spec import Member, MergeSpec
-from mudsc.spaces.trace import _Analysis, _has_tensor, _shapes, _symbolic_trace
+from mudsc.spaces.build import Key
+from mudsc.spaces.context import Stacked, TDims, has_tensor
+from mudsc.spaces.spec import Member, MergeSpec, Space
+from mudsc.spaces.trace import TracedModel, trace_model
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +84,11 @@ class Cut:
 class _Graph:
     """The traced fx graph of one model, with what cutting it needs to know per node."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.gm = _symbolic_trace(model)
-        self.nodes: list[fx.Node] = list(self.gm.graph.nodes)
+    def __init__(self, traced: TracedModel) -> None:
+        self.model_name = traced.model_name
+        self.nodes: list[fx.Node] = traced.nodes
         self.pos = {n: i for i, n in enumerate(self.nodes)}
-        keys = list(model.state_dict().keys())
+        keys = list(traced.state_keys)
         self.reads = {n: _tensors_read(n, keys) for n in self.nodes}
         self.dependent: set[fx.Node] = set()
         for n in self.nodes:
@@ -140,9 +140,10 @@ def _space_ends(g: _Graph, spec: MergeSpec) -> list[tuple[int, str]]:
     return [(pos, name) for pos, _, name in ends]
 
 
-def stop_choices(model: nn.Module, spec: MergeSpec) -> tuple[list[str], int]:
-    """Module paths (up to two levels, forward order) and the largest k a stop may name."""
-    return _choices(_Graph(model), spec)
+def stop_choices(traced: TracedModel, spec: MergeSpec | None = None) -> tuple[list[str], int]:
+    """Module paths (up to two levels, forward order) and the largest k a stop may name
+    (``spec``: the spec to count spaces of, by default the traced one)."""
+    return _choices(_Graph(traced), traced.spec if spec is None else spec)
 
 
 def _choices(g: _Graph, spec: MergeSpec) -> tuple[list[str], int]:
@@ -155,9 +156,10 @@ def _choices(g: _Graph, spec: MergeSpec) -> tuple[list[str], int]:
     return list(paths), len(_space_ends(g, spec))
 
 
-def resolve_stop(model: nn.Module, spec: MergeSpec, stop_at: StopAt) -> Cut:
-    """Turn a module path or a space count into a :class:`Cut` of ``model``'s traced graph."""
-    return _resolve(_Graph(model), spec, stop_at)
+def resolve_stop(traced: TracedModel, stop_at: StopAt, spec: MergeSpec | None = None) -> Cut:
+    """Turn a module path or a space count (of ``spec``, by default the traced one) into a
+    :class:`Cut` of the traced graph."""
+    return _resolve(_Graph(traced), traced.spec if spec is None else spec, stop_at)
 
 
 def _resolve(g: _Graph, spec: MergeSpec, stop_at: StopAt) -> Cut:
@@ -181,7 +183,7 @@ def _resolve(g: _Graph, spec: MergeSpec, stop_at: StopAt) -> Cut:
         ]
         if not inside:
             raise MudscError(
-                f"no module {stop_at!r} runs on the input of {type(g.model).__name__}; stop at "
+                f"no module {stop_at!r} runs on the input of {g.model_name}; stop at "
                 f"a module path ({_choice_text(g, spec)}, or any deeper path such as "
                 f"'{_deep_example(g)}') or at a number of spaces"
             )
@@ -246,44 +248,32 @@ class Crossing:
 
 
 class _Layouts:
-    """Reads the tracer's layout analysis of one model against a spec.
+    """Reads the tracer's layout analysis of one model against the trunk spaces of a spec.
 
     A tensor axis lands on layout *keys*; a key is a whole space, or (for a head-grouped
     space of key (A, B)) only its block class A or unit class B when heads sit on an axis
     of their own.  Anything else that touches a trunk space cannot be unmerged: refused.
     """
 
-    def __init__(self, g: _Graph, spec: MergeSpec, inputs: tuple, spaces: set[str]) -> None:
-        self.metas = _shapes(g.gm, g.model, inputs)
-        analysis = _Analysis(g.model, g.gm, self.metas)
-        analysis.run()
-        self.values = analysis.values
-        self.builder = _Builder(analysis.atoms, analysis.records)
-        self.builder.run()
+    def __init__(self, traced: TracedModel, spec: MergeSpec, spaces: set[str]) -> None:
+        self.traced = traced
+        self.places = traced.placer()
         self.spaces = {s.name: s for s in spec.spaces if s.name in spaces}
-        index = {m: s.name for s in spec.spaces for _, m in s.members()}
-        self.owners: dict[tuple, set[str | None]] = defaultdict(set)
-        for rec in analysis.records.members:
-            for p in self.builder.places(rec.layout):
-                for o in range(p.outer):
-                    start = p.offset + o * p.key_size * p.inner
-                    member = Member(rec.tensor, rec.axis, start, p.inner, rec.per_group)
-                    self.owners[p.key].add(index.get(member))
+        self.key_of = space_keys(traced, self.spaces.values())
+        self.owners: dict[Key, set[str]] = defaultdict(set)
         # Head-grouped spaces, key (blocks, units): the block class is shared by tied spaces.
-        self.key_of: dict[str, tuple] = {}
         self.block_of: dict[int, list[str]] = defaultdict(list)
         self.unit_of: dict[int, str] = {}
-        for key, names in self.owners.items():
-            for name in sorted(names & set(self.spaces), key=list(self.spaces).index):
-                self.key_of[name] = key
-                if len(key) == 2:
-                    self.block_of[key[0]].append(name)
-                    self.unit_of[key[1]] = name
+        for name, key in self.key_of.items():
+            self.owners[key].add(name)
+            if len(key) == 2:
+                self.block_of[key[0]].append(name)
+                self.unit_of[key[1]] = name
         self.atoms = {a for key in self.key_of.values() for a in key}
 
     def crossing(self, node: fx.Node) -> Crossing:
         out: list[Segment] = []
-        self._walk(self.values.get(node), self.metas.get(node), (), out)
+        self._walk(self.traced.values.get(node), self.traced.metas.get(node), (), out)
         return Crossing(node.name, tuple(out))
 
     def _walk(self, value: Any, meta: Any, item: tuple[int, ...], out: list[Segment]) -> None:
@@ -298,7 +288,7 @@ class _Layouts:
             metas = meta if isinstance(meta, tuple | list) else [None] * len(value)
             for i, (v, m) in enumerate(zip(value, metas, strict=False)):
                 self._walk(v, m, (*item, i), out)
-        elif _has_tensor(meta):
+        elif has_tensor(meta):
             raise MudscError(
                 "the tracer has no layout for a tensor that crosses the cut; stop at another module"
             )
@@ -308,16 +298,15 @@ class _Layouts:
         blocks: dict[int, tuple[int, Any]] = {}  # block class -> (axis, place)
         units: dict[str, tuple[int, Any]] = {}  # grouped space -> (axis, place) of its units
         for axis, layout in enumerate(td.dims):
-            for p in self.builder.places(layout):
+            for p in self.places(layout):
                 if not self.atoms & set(p.key):
                     continue
                 if not p.free:  # the tracer keeps it fixed, the spec merges it
                     raise _mismatch(_space_of(self, p.key))
                 names = self.owners.get(p.key, set())
-                hit = names & set(self.spaces)
                 atom = p.key[0] if len(p.key) == 1 else None
-                if hit:
-                    name = next(iter(hit))
+                if names:
+                    name = next(iter(names))
                     if len(names) > 1 or self.spaces[name].size != p.key_size:
                         raise _mismatch(name)
                     for o in range(p.outer):
@@ -346,6 +335,29 @@ class _Layouts:
             groups = self.spaces[name].groups
             out.append(Segment(name, axis, p.offset, p.inner, item, "blocks", None, groups))
         return out
+
+
+def space_keys(traced: TracedModel, spaces: Iterable[Space]) -> dict[str, Key]:
+    """Each space's layout key in ``traced``, found by what the space is, not by its name
+    or full value: the traced space holding its producer slices (tensor, axis, start), so
+    a renamed, re-serialised or re-flagged spec maps as well as the traced one."""
+    owner: dict[tuple[str, int, int], str] = {}
+    for s in traced.spec.spaces:
+        for _, m in s.members():
+            owner.setdefault((m.tensor, m.axis, m.start), s.name)
+    out: dict[str, Key] = {}
+    for s in spaces:
+        members = s.producers or tuple(m for _, m in s.members())
+        found = {owner.get((m.tensor, m.axis, m.start)) for m in members}
+        if len(found) != 1 or None in found:
+            where = ", ".join(sorted(str(f) for f in found if f is not None)) or "none"
+            raise MudscError(
+                f"space {s.name!r} of the given spec is not one space of the traced "
+                f"{traced.model_name} (its producers lie in traced spaces: {where}); pass a "
+                "spec that mudsc.trace derives for this model (renaming spaces is fine)"
+            )
+        out[s.name] = traced.keys[found.pop()]
+    return out
 
 
 def _space_of(layouts: _Layouts, key: tuple) -> str:
@@ -450,9 +462,8 @@ class _Split:
         return copy.deepcopy(fx.GraphModule(model, self.head_graph, class_name="PartialHead"))
 
 
-def _split(model: nn.Module, spec: MergeSpec, stop_at: StopAt, example_input: Any) -> _Split:
-    inputs = tuple(example_input) if isinstance(example_input, tuple | list) else (example_input,)
-    g = _Graph(model)
+def _split(traced: TracedModel, spec: MergeSpec, stop_at: StopAt) -> _Split:
+    g = _Graph(traced)
     cut = _resolve(g, spec, stop_at)
     trunk = g.trunk(cut.position)
     boundary = [
@@ -461,7 +472,7 @@ def _split(model: nn.Module, spec: MergeSpec, stop_at: StopAt, example_input: An
         if n in trunk and n in g.dependent and any(u not in trunk for u in n.users)
     ]
     spaces = trunk_spaces(spec, cut)
-    layouts = _Layouts(g, spec, inputs, set(spaces))
+    layouts = _Layouts(traced, spec, set(spaces))
     crossings = [layouts.crossing(b) for b in boundary]
 
     trunk_graph = fx.Graph()
@@ -541,7 +552,7 @@ class PartialMerge(nn.Module):
         state: Mapping[str, Tensor],
         meta: Mapping[str, Any],
     ) -> PartialMerge:
-        """Rebuild from :meth:`to_record`: re-trace a fresh model, re-cut it, load tensors.
+        """Rebuild from :meth:`to_record`: trace a fresh model once, re-cut it, load tensors.
 
         Values are cast to the fresh model's dtype; build it in float64 to keep float64.
         """
@@ -555,7 +566,7 @@ class PartialMerge(nn.Module):
         except (KeyError, TypeError, ValueError) as exc:
             raise MudscError(f"malformed partial-merge record: missing or bad {exc}") from exc
         model = make_model()
-        parts = _split(model, spec, stop_at, example_input)
+        parts = _split(trace_model(model, example_input, verify=False), spec, stop_at)
         rebuilt = json.loads(json.dumps([c.to_dict() for c in parts.crossings]))
         if rebuilt != json.loads(json.dumps(recorded)):
             raise MudscError(
@@ -635,24 +646,27 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 def build_partial(
     models: Sequence[nn.Module],
-    spec: MergeSpec,
+    traced: TracedModel,
     matches: Mapping[str, Match],
     stop_at: StopAt,
-    example_input: Any,
+    spec: MergeSpec | None = None,
 ) -> PartialMerge:
     """Merge ``models`` up to ``stop_at``; every later op stays per model.
 
-    ``matches`` needs an entry for every space of :func:`trunk_spaces` (a missing one is
-    averaged as it is, identity, as in :func:`mudsc.apply.apply_matches`); matches of
-    later spaces are ignored.  ``example_input``: a small batch the model accepts.
-    The source models are not modified; the result holds copies of their tensors.
+    ``traced``: :func:`mudsc.spaces.trace_model` of the first model (nothing is traced
+    here).  ``spec``: the spaces to merge, by default ``traced.spec``; a spec passed by hand
+    must describe the same spaces (renamed or with spaces fixed is fine).  ``matches``
+    needs an entry for every space of :func:`trunk_spaces` (a missing one is averaged as
+    it is, identity, as in :func:`mudsc.apply.apply_matches`); matches of later spaces are
+    ignored.  The source models are not modified; the result holds copies of their tensors.
     """
+    spec = traced.spec if spec is None else spec
     models = list(models)
     if len(models) < 2:
         raise MudscError(f"partial merging needs at least two models, got {len(models)}")
     spec.validate(models[0])
     check_matches(spec, matches, len(models))
-    parts = _split(models[0], spec, stop_at, example_input)
+    parts = _split(traced, spec, stop_at)
     full = {
         name: matches[name]
         if name in matches

@@ -18,8 +18,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from math import prod
 
+from mudsc.spaces.atoms import Atoms, Layout
 from mudsc.spaces.context import Records
-from mudsc.spaces.graph import Atoms, Layout
 from mudsc.spaces.naming import SpaceFacts, block_tie_name, space_names
 from mudsc.spaces.spec import Member, MergeSpec, Space, Tap
 
@@ -29,8 +29,12 @@ Key = tuple[int, ...]
 
 
 @dataclass(frozen=True)
-class _Place:
-    """Where one segment of a layout lands: its key and how it sits on the axis."""
+class Place:
+    """Where one segment of a layout lands: its key and how it sits on the axis.
+
+    The key's units sit ``inner`` positions apart from ``offset``, repeated ``outer``
+    times (each repeat ``key_size * inner`` positions further); ``free``: not fixed.
+    """
 
     key: Key
     offset: int
@@ -38,6 +42,30 @@ class _Place:
     inner: int
     free: bool
     key_size: int = 1
+
+
+def places(atoms: Atoms, layout: Layout) -> list[Place]:
+    """Where each segment of ``layout`` lands (segments of size-1 classes only are skipped)."""
+    out, offset = [], 0
+    for seg in atoms.expand(layout):
+        n = atoms.seg_size(seg)
+        roots = [r for r in (atoms.find(a) for a in seg) if atoms.size[r] > 1]
+        if roots:
+            out.append(_place(atoms, roots, offset))
+        offset += n
+    return out
+
+
+def _place(atoms: Atoms, roots: list[int], offset: int) -> Place:
+    sizes = [atoms.size[r] for r in roots]
+    free = [i for i, r in enumerate(roots) if not atoms.is_fixed(r)]
+    if not free:
+        return Place(tuple(roots), offset, 1, 1, False, prod(sizes))
+    lo, hi = free[0], free[-1]
+    key = tuple(roots[lo : hi + 1])
+    return Place(
+        key, offset, prod(sizes[:lo]), prod(sizes[hi + 1 :]), True, prod(sizes[lo : hi + 1])
+    )
 
 
 @dataclass
@@ -52,8 +80,34 @@ class _Entry:
     taps: dict[str, dict[Tap, None]] = field(default_factory=lambda: defaultdict(dict))
 
 
-def build(atoms: Atoms, records: Records) -> MergeSpec:
-    """Turn the analysis of one traced model into its merge spec."""
+class _KeyForest:
+    """Union-find over keys: the keys of one tree share one block order."""
+
+    def __init__(self) -> None:
+        self.parent: dict[Key, Key] = {}
+
+    def find(self, k: Key) -> Key:
+        while self.parent.get(k, k) != k:
+            k = self.parent[k]
+        return k
+
+    def join(self, k: Key, other: Key) -> None:
+        self.parent[self.find(k)] = self.find(other)
+
+    def groups(self) -> dict[Key, list[Key]]:
+        """Every key seen, by its root."""
+        groups: dict[Key, list[Key]] = defaultdict(list)
+        for k in set(self.parent) | set(self.parent.values()):
+            groups[self.find(k)].append(k)
+        return groups
+
+
+def build(atoms: Atoms, records: Records) -> tuple[MergeSpec, dict[str, Key]]:
+    """Turn the analysis of one traced model into its merge spec, with each space's key.
+
+    ``atoms`` are left in their final state: :func:`places` of any recorded layout then
+    lands on the keys returned.
+    """
     return _Builder(atoms, records).run()
 
 
@@ -64,27 +118,8 @@ class _Builder:
         self.ties: dict[Key, Key] = {}
         self.tie_names: dict[Key, str] = {}
 
-    # -- placing segments ---------------------------------------------------------------
-    def places(self, layout: Layout) -> list[_Place]:
-        out, offset = [], 0
-        for seg in self.atoms.expand(layout):
-            n = self.atoms.seg_size(seg)
-            roots = [r for r in (self.atoms.find(a) for a in seg) if self.atoms.size[r] > 1]
-            if roots:
-                out.append(self._place(roots, offset))
-            offset += n
-        return out
-
-    def _place(self, roots: list[int], offset: int) -> _Place:
-        sizes = [self.atoms.size[r] for r in roots]
-        free = [i for i, r in enumerate(roots) if not self.atoms.is_fixed(r)]
-        if not free:
-            return _Place(tuple(roots), offset, 1, 1, False, prod(sizes))
-        lo, hi = free[0], free[-1]
-        key = tuple(roots[lo : hi + 1])
-        return _Place(
-            key, offset, prod(sizes[:lo]), prod(sizes[hi + 1 :]), True, prod(sizes[lo : hi + 1])
-        )
+    def places(self, layout: Layout) -> list[Place]:
+        return places(self.atoms, layout)
 
     def _layouts(self) -> list[Layout]:
         return [r.layout for r in self.records.members] + [t.layout for t in self.records.taps]
@@ -97,7 +132,7 @@ class _Builder:
         self.records.fixed_by.append((message, layouts))
 
     # -- passes -------------------------------------------------------------------------
-    def run(self) -> MergeSpec:
+    def run(self) -> tuple[MergeSpec, dict[str, Key]]:
         for _ in range(1000):
             changed = self._structure()
             changed = self._pairs() or changed
@@ -175,7 +210,7 @@ class _Builder:
                         return False
         return True
 
-    def _single_free(self, layout: Layout) -> _Place | None | bool:
+    def _single_free(self, layout: Layout) -> Place | None | bool:
         """The one free place covering the whole layout; None if all fixed; False if neither."""
         places = self.places(layout)
         free = [p for p in places if p.free]
@@ -234,58 +269,62 @@ class _Builder:
         return changed
 
     def _tie_pass(self) -> bool:
-        parent: dict[Key, Key] = {}
+        """Join the keys that share one block order (rule ties, head pairs on one block
+        class) into block ties; fix ties that cannot hold."""
+        forest = _KeyForest()
+        changed, names = self._recorded_ties(forest)
+        self._tie_shared_blocks(forest)
+        self.ties, self.tie_names = {}, {}
+        for root, keys in forest.groups().items():
+            if len(keys) >= 2:
+                changed = self._settle_tie(root, keys, names) or changed
+        return changed
 
-        def find(k: Key) -> Key:
-            while parent.get(k, k) != k:
-                k = parent[k]
-            return k
-
+    def _recorded_ties(self, forest: _KeyForest) -> tuple[bool, dict[Key, str]]:
+        """Join the ties rules recorded; a tie to a fixed space fixes both sides."""
         names: dict[Key, str] = {}
         changed = False
         for x, y, name in self.records.ties:
             px, py = self._single_free(x), self._single_free(y)
-            if isinstance(px, _Place) and isinstance(py, _Place):
-                rx, ry = find(px.key), find(py.key)
-                parent[rx] = ry
+            if isinstance(px, Place) and isinstance(py, Place):
+                forest.join(px.key, py.key)
                 names.setdefault(px.key, name)
             elif px is not None or py is not None:
                 for layout in (x, y):
                     self.atoms.fix_layout(layout, "tied to a fixed space")
                 self._note(f"{name}: block order tied to a fixed space", [x, y])
                 changed = True
+        return changed, names
+
+    def _tie_shared_blocks(self, forest: _KeyForest) -> None:
+        """Head-grouped keys (A, B) with the same block class A share its order."""
         pairs, _ = self._pair_keys()
         by_outer: dict[int, list[Key]] = defaultdict(list)
         for key in sorted(pairs):
             by_outer[key[0]].append(key)
         for keys in by_outer.values():
             for k in keys[1:]:
-                parent[find(k)] = find(keys[0])
-        groups: dict[Key, list[Key]] = defaultdict(list)
-        for k in set(parent) | set(parent.values()):
-            groups[find(k)].append(k)
-        self.ties, self.tie_names = {}, {}
-        for root, keys in groups.items():
-            if len(keys) < 2:
-                continue
-            sizes = {self.key_groups.get(k, 1) for k in keys}
-            if len(sizes) > 1:
-                for k in keys:
-                    self._fix(k, "tied spaces with different block counts")
-                self._note(
-                    "tied spaces with different block counts", [((r,),) for k in keys for r in k]
-                )
-                changed = True
-                continue
+                forest.join(k, keys[0])
+
+    def _settle_tie(self, root: Key, keys: list[Key], names: dict[Key, str]) -> bool:
+        """Record one block tie; tied spaces with different block counts are fixed."""
+        sizes = {self.key_groups.get(k, 1) for k in keys}
+        if len(sizes) > 1:
             for k in keys:
-                self.ties[k] = root
-            label = next((names[k] for k in keys if k in names), None)
-            if label:
-                self.tie_names[root] = label
-        return changed
+                self._fix(k, "tied spaces with different block counts")
+            self._note(
+                "tied spaces with different block counts", [((r,),) for k in keys for r in k]
+            )
+            return True
+        for k in keys:
+            self.ties[k] = root
+        label = next((names[k] for k in keys if k in names), None)
+        if label:
+            self.tie_names[root] = label
+        return False
 
     # -- assembly -----------------------------------------------------------------------
-    def _assemble(self) -> MergeSpec:
+    def _assemble(self) -> tuple[MergeSpec, dict[str, Key]]:
         entries: dict[Key, _Entry] = {}
         for idx, rec in enumerate(self.records.members):
             for p in self.places(rec.layout):
@@ -333,9 +372,10 @@ class _Builder:
                     block_tie=tie_labels[root] if root is not None and not e.fixed else None,
                 )
             )
-        return MergeSpec(tuple(spaces), tuple(self._warnings(ordered, names)))
+        keys = {name: e.key for e, name in zip(ordered, names, strict=True)}
+        return MergeSpec(tuple(spaces), tuple(self._warnings(ordered, names))), keys
 
-    def _entry(self, entries: dict[Key, _Entry], p: _Place, order: tuple[int, int]) -> _Entry:
+    def _entry(self, entries: dict[Key, _Entry], p: Place, order: tuple[int, int]) -> _Entry:
         if p.key not in entries:
             entries[p.key] = _Entry(p.key, p.key_size, not p.free, order)
         entry = entries[p.key]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from mudsc.spaces.graph import Atoms, Layout, Unsplittable
+from mudsc.spaces.atoms import Atoms, Layout, Unsplittable
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,17 @@ class Stacked:
 
 
 Value = TDims | Stacked | tuple | list | None
+
+
+def has_tensor(meta: Any) -> bool:
+    """Whether a node's result summary holds a tensor (possibly inside tuples or dicts)."""
+    if isinstance(meta, Meta):
+        return True
+    if isinstance(meta, tuple | list) and not isinstance(meta, torch.Size):
+        return any(has_tensor(m) for m in meta)
+    if isinstance(meta, dict):
+        return any(has_tensor(m) for m in meta.values())
+    return False
 
 
 @dataclass

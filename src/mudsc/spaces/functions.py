@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from mudsc.spaces.atoms import Unsplittable
 from mudsc.spaces.context import Ctx, Meta, Stacked, TDims, Value
-from mudsc.spaces.graph import Unsplittable
 from mudsc.spaces.layouts import (
     concat,
     elementwise,
@@ -117,43 +117,48 @@ def _stack_axis(node: fx.Node, ndim: int, shape: tuple[int, ...]) -> int | None:
 
 
 def _selected_only(node: fx.Node, axis: int, ndim: int, depth: int) -> bool:
+    """Whether every use of ``node`` selects one index of ``axis`` (possibly after moving
+    the axis by permutes and transposes)."""
     users = list(node.users)
     if not users or depth > 6:
         return False
-    for u in users:
-        name = u.target if u.op == "call_method" else getattr(u.target, "__name__", None)
-        rest = list(u.args[1:])
-        if name == "permute":
-            order = rest[0] if len(rest) == 1 and isinstance(rest[0], list | tuple) else rest
-            if not all(isinstance(o, int) for o in order):
-                return False
-            new = [o % ndim for o in order].index(axis)
-            if not _selected_only(u, new, ndim, depth + 1):
-                return False
-        elif name in ("transpose", "swapaxes") and all(isinstance(r, int) for r in rest[:2]):
-            a, b = (r % ndim for r in rest[:2])
-            new = b if axis == a else a if axis == b else axis
-            if not _selected_only(u, new, ndim, depth + 1):
-                return False
-        elif name == "contiguous":
-            if not _selected_only(u, axis, ndim, depth + 1):
-                return False
-        elif name == "getitem":
-            idx = rest[0] if rest else None
-            items = idx if isinstance(idx, tuple) else (idx,)
-            if Ellipsis in items or None in items[: axis + 1] or len(items) <= axis:
-                return False
-            if not isinstance(items[axis], int):
-                return False
-            if any(it != slice(None) for it in items[:axis]):
-                return False
-        elif name == "unbind":
-            dim = rest[0] if rest else u.kwargs.get("dim", 0)
-            if not isinstance(dim, int) or dim % ndim != axis:
-                return False
-        else:
-            return False
-    return True
+    return all(_use_selects(u, axis, ndim, depth) for u in users)
+
+
+def _use_selects(use: fx.Node, axis: int, ndim: int, depth: int) -> bool:
+    name = use.target if use.op == "call_method" else getattr(use.target, "__name__", None)
+    rest = list(use.args[1:])
+    if name == "getitem":
+        return _index_selects(rest[0] if rest else None, axis)
+    if name == "unbind":
+        dim = rest[0] if rest else use.kwargs.get("dim", 0)
+        return isinstance(dim, int) and dim % ndim == axis
+    moved = _axis_after(name, rest, axis, ndim)
+    return moved is not None and _selected_only(use, moved, ndim, depth + 1)
+
+
+def _index_selects(idx: object, axis: int) -> bool:
+    """Whether an index expression picks one integer position of ``axis`` (and keeps the
+    axes before it whole)."""
+    items = idx if isinstance(idx, tuple) else (idx,)
+    if Ellipsis in items or None in items[: axis + 1] or len(items) <= axis:
+        return False
+    return isinstance(items[axis], int) and all(it == slice(None) for it in items[:axis])
+
+
+def _axis_after(name: object, rest: list, axis: int, ndim: int) -> int | None:
+    """Where ``axis`` goes through a permute, transpose or contiguous; None for other ops."""
+    if name == "permute":
+        order = rest[0] if len(rest) == 1 and isinstance(rest[0], list | tuple) else rest
+        if not all(isinstance(o, int) for o in order):
+            return None
+        return [o % ndim for o in order].index(axis)
+    if name in ("transpose", "swapaxes") and all(isinstance(r, int) for r in rest[:2]):
+        a, b = (r % ndim for r in rest[:2])
+        return b if axis == a else a if axis == b else axis
+    if name == "contiguous":
+        return axis
+    return None
 
 
 @register_function_rule(torch.permute)

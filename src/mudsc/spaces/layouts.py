@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from mudsc.spaces.atoms import Layout, Seg, Unsplittable, cut_points
 from mudsc.spaces.context import Ctx, Stacked, TDims
-from mudsc.spaces.graph import Layout, Seg, Unsplittable, cut_points
 
 
 def elementwise(ctx: Ctx, inputs: Sequence[TDims | None], shape: tuple[int, ...]) -> TDims:

@@ -1,4 +1,4 @@
-"""The rule registry: one rule per module type, per function and per tensor method.
+"""The rule registries: one rule per layer type, per function and per tensor method.
 
 A rule is ``rule(ctx) -> value``: it reads its inputs' layouts from the :class:`Ctx`,
 records members, taps and constraints, and returns the output layouts (a ``TDims``, a
@@ -10,8 +10,16 @@ records members, taps and constraints, and returns the output layouts (a ``TDims
         ctx.member(f"{ctx.path}.gain", 0, x.dims[1], "producer")
         return x
 
-A module with a rule is traced as a leaf (its ``forward`` is not entered).  Anything
-without a rule is *unsupported*: the spaces it touches are fixed and a warning is kept.
+or, without touching the default registry, for one call::
+
+    extra = Rules()
+    extra.module(MyScale)(rule)
+    mudsc.trace(model, x, rules=extra)
+
+Module rules live in the layer types (:mod:`mudsc.layers`), with the rest of what the
+package knows about a layer.  A module with a rule is traced as a leaf (its ``forward``
+is not entered).  Anything without a rule is *unsupported*: the spaces it touches are
+fixed and a warning is kept.
 """
 
 from __future__ import annotations
@@ -21,66 +29,92 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from mudsc.spaces.context import Ctx, Value
+from mudsc.layers import LAYERS, LayerTypes, Rule
 
-Rule = Callable[[Ctx], Value]
 R = TypeVar("R", bound=Rule)
 
-_MODULES: dict[type, Rule] = {}
-_FUNCTIONS: dict[Any, Rule] = {}
-_METHODS: dict[str, Rule] = {}
+
+class Rules:
+    """Module rules (by layer type), function rules and tensor-method rules."""
+
+    def __init__(
+        self,
+        layers: LayerTypes | None = None,
+        functions: dict[Any, Rule] | None = None,
+        methods: dict[str, Rule] | None = None,
+    ) -> None:
+        self.layers = layers if layers is not None else LayerTypes()
+        self.functions: dict[Any, Rule] = functions if functions is not None else {}
+        self.methods: dict[str, Rule] = methods if methods is not None else {}
+
+    # -- registration -------------------------------------------------------------------
+    def module(self, *types: type[nn.Module]) -> Callable[[R], R]:
+        """Register ``rule`` for modules of these types (and subclasses keeping forward)."""
+
+        def decorator(rule: R) -> R:
+            self.layers.set_rule(tuple(types), rule)
+            return rule
+
+        return decorator
+
+    def function(self, *functions: Any) -> Callable[[R], R]:
+        """Register ``rule`` for these callables (``torch.add``, ``operator.add``, ``F.relu``)."""
+
+        def decorator(rule: R) -> R:
+            for f in functions:
+                self.functions[f] = rule
+            return rule
+
+        return decorator
+
+    def method(self, *names: str) -> Callable[[R], R]:
+        """Register ``rule`` for tensor methods by name (``"view"``, ``"softmax"``...)."""
+
+        def decorator(rule: R) -> R:
+            for n in names:
+                self.methods[n] = rule
+            return rule
+
+        return decorator
+
+    # -- lookup -------------------------------------------------------------------------
+    def module_rule(self, module: nn.Module) -> Rule | None:
+        """The rule of a module's layer type (exact type, or a base whose forward it keeps)."""
+        layer = self.layers.of(module)
+        return layer.rule if layer is not None else None
+
+    def function_rule(self, target: Any) -> Rule | None:
+        try:
+            return self.functions.get(target)
+        except TypeError:  # unhashable target
+            return None
+
+    def method_rule(self, name: str) -> Rule | None:
+        return self.methods.get(name)
+
+    def over(self, base: Rules) -> Rules:
+        """A new registry: these rules first, then ``base``'s (neither is changed)."""
+        return Rules(
+            self.layers.over(base.layers),
+            {**base.functions, **self.functions},
+            {**base.methods, **self.methods},
+        )
+
+
+RULES = Rules(LAYERS)
+"""The default registry: the built-in rules and those registered by users."""
 
 
 def register_module_rule(*types: type[nn.Module]) -> Callable[[R], R]:
-    """Register ``rule`` for modules of exactly these types (and subclasses keeping forward)."""
-
-    def decorator(rule: R) -> R:
-        for t in types:
-            _MODULES[t] = rule
-        return rule
-
-    return decorator
+    """Register a module rule in the default registry (see :meth:`Rules.module`)."""
+    return RULES.module(*types)
 
 
 def register_function_rule(*functions: Any) -> Callable[[R], R]:
-    """Register ``rule`` for these callables (``torch.add``, ``operator.add``, ``F.relu``...)."""
-
-    def decorator(rule: R) -> R:
-        for f in functions:
-            _FUNCTIONS[f] = rule
-        return rule
-
-    return decorator
+    """Register a function rule in the default registry (see :meth:`Rules.function`)."""
+    return RULES.function(*functions)
 
 
 def register_method_rule(*names: str) -> Callable[[R], R]:
-    """Register ``rule`` for tensor methods by name (``"view"``, ``"softmax"``...)."""
-
-    def decorator(rule: R) -> R:
-        for n in names:
-            _METHODS[n] = rule
-        return rule
-
-    return decorator
-
-
-def module_rule(module: nn.Module) -> Rule | None:
-    """The rule for a module: its exact type, or a registered base whose forward it keeps."""
-    cls = type(module)
-    if cls in _MODULES:
-        return _MODULES[cls]
-    for base in cls.__mro__[1:]:
-        if base in _MODULES and cls.forward is base.forward:
-            return _MODULES[base]
-    return None
-
-
-def function_rule(target: Any) -> Rule | None:
-    try:
-        return _FUNCTIONS.get(target)
-    except TypeError:  # unhashable target
-        return None
-
-
-def method_rule(name: str) -> Rule | None:
-    return _METHODS.get(name)
+    """Register a tensor-method rule in the default registry (see :meth:`Rules.method`)."""
+    return RULES.method(*names)

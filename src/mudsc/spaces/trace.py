@@ -1,17 +1,22 @@
-"""``trace(model, example_input) -> MergeSpec``: merge spaces derived by torch.fx tracing.
+"""``trace_model(model, example_input) -> TracedModel``: merge spaces by torch.fx tracing.
 
 Steps: symbolic tracing (standard ``torch.nn`` modules and modules with a rule are
 leaves), one run on the example input to learn every shape, then every node's rule in
 graph order (see :mod:`mudsc.spaces.rules`), then :func:`mudsc.spaces.build.build`.
 Nodes without a rule are *unsupported*: the spaces they touch are fixed and reported in
 ``spec.warnings``.  Finally the spec is checked numerically (``verify=True``).
+
+The result keeps what later stages that work on the graph need (partial merging cuts
+it), so a model is traced and analysed once; :func:`trace` returns just the spec.
 """
 
 from __future__ import annotations
 
 import builtins
+import copy
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,10 +25,20 @@ from torch import fx, nn
 import mudsc.spaces.functions  # noqa: F401  (registers the built-in function rules)
 import mudsc.spaces.modules  # noqa: F401  (registers the built-in module rules)
 from mudsc.errors import MudscError
-from mudsc.spaces.build import build
-from mudsc.spaces.context import Ctx, MemberRec, Meta, Records, Stacked, TDims, Value
-from mudsc.spaces.graph import Atoms, Layout
-from mudsc.spaces.rules import function_rule, method_rule, module_rule
+from mudsc.modes import eval_mode
+from mudsc.spaces.atoms import Atoms, Layout
+from mudsc.spaces.build import Key, Place, build, places
+from mudsc.spaces.context import (
+    Ctx,
+    MemberRec,
+    Meta,
+    Records,
+    Stacked,
+    TDims,
+    Value,
+    has_tensor,
+)  # fmt: skip
+from mudsc.spaces.rules import RULES, Rules
 from mudsc.spaces.spec import MergeSpec
 from mudsc.spaces.verify import verify_spec
 
@@ -39,33 +54,81 @@ _HAND_SPEC = (
 )
 
 
-def trace(model: nn.Module, example_input: Any, *, verify: bool = True) -> MergeSpec:
-    """Derive the merge spaces of ``model`` by tracing it on ``example_input``.
+@dataclass(frozen=True)
+class TracedModel:
+    """One traced model: its spec and the analysis behind it, computed once.
+
+    ``graph`` is the fx graph (its nodes index ``metas``, the shape summary of each node's
+    result on the example input, and ``values``, the layouts of each node's result).
+    ``keys`` maps each space of ``spec`` to its layout key: :meth:`placer` of a layout
+    lands on these keys, which is how a tensor's axes are read back as spaces.
+    ``state_keys`` are the model's state-dict keys, in order.
+    """
+
+    spec: MergeSpec
+    graph: fx.GraphModule
+    metas: Mapping[fx.Node, Any]
+    values: Mapping[fx.Node, Value]
+    keys: Mapping[str, Key]
+    atoms: Atoms
+    state_keys: tuple[str, ...]
+    model_name: str
+
+    def placer(self) -> Callable[[Layout], list[Place]]:
+        """:func:`mudsc.spaces.build.places` over a private copy of the atoms: reading the
+        layout of a value the builder never placed may fix classes (an interleaved
+        concatenation), which must not leak into this shared result."""
+        atoms = copy.deepcopy(self.atoms)
+        return lambda layout: places(atoms, layout)
+
+    @property
+    def nodes(self) -> list[fx.Node]:
+        """The graph's nodes in forward (execution) order."""
+        return list(self.graph.graph.nodes)
+
+
+def trace_model(
+    model: nn.Module, example_input: Any, *, rules: Rules | None = None, verify: bool = True
+) -> TracedModel:
+    """Trace ``model`` on ``example_input`` into its merge spec and the analysis behind it.
 
     ``example_input`` is a tensor or a tuple of positional inputs (a small batch is
-    enough).  With ``verify`` the spec is checked by permuting a float64 copy of the model
-    at random; any space that breaks the output is fixed and reported.
+    enough).  ``rules``: extra rules for this call only, used before the default registry
+    (which is left unchanged).  With ``verify`` the spec is checked by permuting a float64
+    copy of the model at random; any space that breaks the output is fixed and reported.
     """
+    rules = RULES if rules is None else rules.over(RULES)
     inputs = example_input if isinstance(example_input, tuple | list) else (example_input,)
-    gm = _symbolic_trace(model)
+    gm = _symbolic_trace(model, rules)
     metas = _shapes(gm, model, inputs)
-    analysis = _Analysis(model, gm, metas)
+    analysis = _Analysis(model, gm, metas, rules)
     analysis.run()
-    spec = build(analysis.atoms, analysis.records)
+    spec, keys = build(analysis.atoms, analysis.records)
     if verify:
         spec = verify_spec(model, spec, inputs)
-    return spec
+    return TracedModel(
+        spec, gm, metas, analysis.values, keys, analysis.atoms,
+        tuple(model.state_dict().keys()), type(model).__name__,
+    )  # fmt: skip
+
+
+def trace(
+    model: nn.Module, example_input: Any, *, rules: Rules | None = None, verify: bool = True
+) -> MergeSpec:
+    """The merge spec of ``model``: :func:`trace_model`'s spec (same arguments)."""
+    return trace_model(model, example_input, rules=rules, verify=verify).spec
 
 
 class _Tracer(fx.Tracer):
     """fx tracer whose leaves are standard torch.nn modules and modules with a rule."""
 
-    def __init__(self) -> None:
+    def __init__(self, rules: Rules) -> None:
         super().__init__()
+        self.rules = rules
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return module_rule(m) is not None or super().is_leaf_module(m, qualname)
+        return self.rules.module_rule(m) is not None or super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         try:
@@ -77,8 +140,8 @@ class _Tracer(fx.Tracer):
             raise
 
 
-def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
-    tracer = _Tracer()
+def _symbolic_trace(model: nn.Module, rules: Rules) -> fx.GraphModule:
+    tracer = _Tracer(rules)
     try:
         graph = tracer.trace(model)
     except Exception as exc:
@@ -130,11 +193,9 @@ def _summary(value: Any) -> Any:
 
 def _shapes(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> dict[fx.Node, Any]:
     """Shapes of every node on the example input, run in eval mode without side effects."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     recorder = _Recorder(gm)
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             recorder.run(*inputs)
     except Exception as exc:
         node = recorder.failed
@@ -143,9 +204,6 @@ def _shapes(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> dict[fx.Node
             f"running {type(model).__name__} on the example input failed{where}: {exc!s}.  "
             f"Pass an example input the model accepts (a small batch of the real input shape)."
         ) from exc
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     return recorder.meta
 
 
@@ -169,16 +227,6 @@ def _layouts(value: Any) -> list[Layout]:
         for p in parts:
             out.extend(p.dims)
     return out
-
-
-def _has_tensor(meta: Any) -> bool:
-    if isinstance(meta, Meta):
-        return True
-    if isinstance(meta, tuple | list) and not isinstance(meta, torch.Size):
-        return any(_has_tensor(m) for m in meta)
-    if isinstance(meta, dict):
-        return any(_has_tensor(m) for m in meta.values())
-    return False
 
 
 def _scope(node: fx.Node) -> str:
@@ -206,8 +254,10 @@ def _op_name(node: fx.Node) -> str:
 class _Analysis:
     """Runs the rules over the graph, collecting atoms and records."""
 
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, metas: dict[fx.Node, Any]) -> None:
-        self.model, self.gm, self.metas = model, gm, metas
+    def __init__(
+        self, model: nn.Module, gm: fx.GraphModule, metas: dict[fx.Node, Any], rules: Rules
+    ) -> None:
+        self.model, self.gm, self.metas, self.rules = model, gm, metas, rules
         self.atoms, self.records = Atoms(), Records()
         self.values: dict[fx.Node, Value] = {}
         self.dependent: set[fx.Node] = set()
@@ -255,12 +305,12 @@ class _Analysis:
         has_in = any(True for _ in _tensors_in((args, kwargs)))
         module = self.model.get_submodule(str(node.target)) if node.op == "call_module" else None
         if module is not None:
-            rule = module_rule(module)
+            rule = self.rules.module_rule(module)
         elif node.op == "call_method":
-            rule = method_rule(str(node.target))
+            rule = self.rules.method_rule(str(node.target))
         else:
-            rule = function_rule(node.target)
-        if not _has_tensor(meta):
+            rule = self.rules.function_rule(node.target)
+        if not has_tensor(meta):
             shape_query = node.target in _SHAPE_METHODS or node.target in _SHAPE_FUNCS
             if not has_in or shape_query:
                 return None

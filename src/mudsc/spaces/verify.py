@@ -100,17 +100,17 @@ def verify_spec(model: nn.Module, spec: MergeSpec, inputs: tuple, tol: float = 1
         base = {k: v.clone() for k, v in probe.state_dict().items() if k in touched}
         with torch.no_grad():
             ref = _outputs(probe(*x))
-        units = _units(spec)
+        groups = list(_tied_groups(spec).values())
         gen = torch.Generator().manual_seed(0)
-        if _agrees(probe, base, spec, list(units.values()), x, ref, gen, tol):
+        if _agrees(probe, base, spec, groups, x, ref, gen, tol):
             return spec
-        bad = [u for u in units.values() if not _agrees(probe, base, spec, [u], x, ref, gen, tol)]
+        bad = [g for g in groups if not _agrees(probe, base, spec, [g], x, ref, gen, tol)]
     except Exception as exc:  # the check is a safety net; failing to run it is reported
         log.debug("spec verification failed to run", exc_info=True)
         return dataclasses.replace(
             spec, warnings=spec.warnings + (f"could not verify the spec numerically: {exc}",)
         )
-    names = {n for u in (bad or list(units.values())) for n in u}
+    names = {n for g in (bad or groups) for n in g}
     spaces = tuple(
         dataclasses.replace(s, fixed=True, block_tie=None) if s.name in names else s
         for s in spec.spaces
@@ -122,12 +122,12 @@ def verify_spec(model: nn.Module, spec: MergeSpec, inputs: tuple, tol: float = 1
     return MergeSpec(spaces, spec.warnings + (message,))
 
 
-def _units(spec: MergeSpec) -> dict[str, tuple[str, ...]]:
+def _tied_groups(spec: MergeSpec) -> dict[str, tuple[str, ...]]:
     """Spaces that must be permuted together: a block tie, or a lone space."""
-    units: dict[str, list[str]] = {}
+    groups: dict[str, list[str]] = {}
     for s in spec.mergeable:
-        units.setdefault(s.block_tie or f"space:{s.name}", []).append(s.name)
-    return {k: tuple(v) for k, v in units.items()}
+        groups.setdefault(s.block_tie or f"space:{s.name}", []).append(s.name)
+    return {k: tuple(v) for k, v in groups.items()}
 
 
 def _probe(model: nn.Module, inputs: tuple) -> tuple[nn.Module, tuple]:
@@ -181,13 +181,13 @@ def _agrees(
     probe: nn.Module,
     base: dict[str, Tensor],
     spec: MergeSpec,
-    units: list[tuple[str, ...]],
+    groups: list[tuple[str, ...]],
     x: tuple,
     ref: list[Tensor],
     gen: torch.Generator,
     tol: float,
 ) -> bool:
-    names = {n for u in units for n in u}
+    names = {n for g in groups for n in g}
     perms = {k: v for k, v in random_permutations(spec, gen).items() if k in names}
     probe.load_state_dict(permute_state(base, spec, perms), strict=False)
     with torch.no_grad():

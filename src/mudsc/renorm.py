@@ -1,10 +1,12 @@
-"""Normalisation statistics after merging (ALGORITHM.md section 7).
+"""Renormalisation after merging (ALGORITHM.md section 7): BatchNorm reset and REPAIR.
 
 Averaging matched units shrinks activation variance layer after layer.  BatchNorm
 networks re-estimate their running statistics (one cumulative pass); networks without
 BatchNorm get REPAIR: every eligible layer's per-channel output mean and std are pulled
 to the average of the source units merged into it, and the correction is folded into that
-layer's weight and bias so the architecture is unchanged.
+layer's weight and bias so the architecture is unchanged.  Which layers are BatchNorms
+and which REPAIR may correct (and along which axis) is their layer type's
+(:mod:`mudsc.layers`), the same registration the tracer uses.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from mudsc.errors import MudscError
+from mudsc.layers import has_batchnorm, is_batchnorm, layer_type
+from mudsc.modes import eval_mode, train_mode
+from mudsc.moments import combine
 from mudsc.solvers.match import Match
 from mudsc.spaces.spec import MergeSpec
 
@@ -24,13 +29,6 @@ log = logging.getLogger(__name__)
 
 REPAIR_MODES = ("auto", "bn", "repair", "none")
 _EPS = 1e-5
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_CHANNEL_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm)
-_CHANNEL_LAST = (nn.Linear, nn.LayerNorm)
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, _NORMS) for m in model.modules())
 
 
 def resolve_mode(mode: str, model: nn.Module) -> str:
@@ -61,20 +59,27 @@ def _forward_all(model: nn.Module, batches: Iterable[Tensor], device: torch.devi
 def reset_batchnorm(
     model: nn.Module, batches: Iterable[Tensor], device: torch.device | str
 ) -> None:
-    """Re-estimate every BatchNorm's running statistics as a cumulative average (one pass)."""
+    """Re-estimate every BatchNorm's running statistics as a cumulative average (one pass);
+    the model is left in eval mode, ready to use."""
     batches = _nonempty(batches)
-    norms = [m for m in model.modules() if isinstance(m, _NORMS)]
+    norms = [m for m in model.modules() if is_batchnorm(m)]
     saved = [(m, m.momentum) for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    model.train()
     try:
-        _forward_all(model, batches, device)
+        with train_mode(model):
+            _forward_all(model, batches, device)
     finally:
         for m, momentum in saved:
             m.momentum = momentum
         model.eval()
+
+
+def _channel_axis(module: nn.Module | None) -> str | None:
+    """The output axis REPAIR corrects for this module (its layer type's), or None."""
+    layer = layer_type(module) if module is not None else None
+    return layer.channel_axis if layer is not None else None
 
 
 def _batch_moments(y: Tensor, channel_last: bool) -> tuple[int, Tensor, Tensor]:
@@ -104,11 +109,8 @@ class _Moments:
         if self.mean is None or self.m2 is None:
             self.count, self.mean, self.m2 = count, mean, m2
             return
-        total = self.count + count
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta * delta * (self.count * count / total)
-        self.count = total
+        total, self.mean, self.m2 = combine(self.count, self.mean, self.m2, count, mean, m2)
+        self.count = int(total)
 
     def mean_std(self) -> tuple[Tensor, Tensor]:
         if self.mean is None or self.m2 is None:
@@ -127,14 +129,14 @@ def repair_layers(model: nn.Module, spec: MergeSpec) -> dict[str, list[tuple[str
             mod = modules.get(path)
             if leaf != "weight" or member.axis != 0 or member.inner != 1:
                 continue
-            if not isinstance(mod, _CHANNEL_FIRST + _CHANNEL_LAST) or mod.bias is None:
+            if _channel_axis(mod) is None or mod.bias is None:
                 continue
             layers.setdefault(path, []).append((space.name, member.start, space.size))
     return layers
 
 
 def _channel_last(mod: nn.Module) -> bool:
-    return isinstance(mod, _CHANNEL_LAST)
+    return _channel_axis(mod) == "last"
 
 
 def _measure(
@@ -151,15 +153,12 @@ def _measure(
         )
         for name in stats
     ]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             _forward_all(model, batches, device)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return stats
 
 
@@ -188,7 +187,7 @@ def _targets(
 
 
 @torch.no_grad()
-def repair(
+def apply_repair(
     merged: nn.Module,
     sources: Sequence[nn.Module],
     spec: MergeSpec,

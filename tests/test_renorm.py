@@ -14,7 +14,7 @@ from mudsc.apply import apply_matches
 from mudsc.errors import MudscError
 from mudsc.merge import MergeConfig, merge_models
 from mudsc.models import create
-from mudsc.repair import repair, repair_layers, reset_batchnorm, resolve_mode
+from mudsc.renorm import apply_repair, repair_layers, reset_batchnorm, resolve_mode
 from mudsc.spaces import MergeSpec, trace
 
 # Tiny float64 configurations: (arguments, image size).
@@ -134,7 +134,7 @@ def test_repair_hits_the_source_statistics(name: str, method: str) -> None:
     targets = _targets(sources, layers, data, result.matches, slices)
     before = _worst(_layer_stats(merged, layers, data), targets)
 
-    assert repair(merged, sources, spec, result.matches, data, "cpu") == len(layers)
+    assert apply_repair(merged, sources, spec, result.matches, data, "cpu") == len(layers)
     after = _worst(_layer_stats(merged, layers, data), targets)
     assert before > 0.05  # merging moved the statistics: the check below can fail
     assert after < 1e-6
@@ -150,7 +150,7 @@ def test_repair_over_several_batches_approaches_the_targets() -> None:
     layers = sorted(slices)
     targets = _targets(sources, layers, data, result.matches, slices)
     before = _worst(_layer_stats(result.model, layers, data), targets)
-    repair(result.model, sources, spec, result.matches, data, "cpu")
+    apply_repair(result.model, sources, spec, result.matches, data, "cpu")
     after = _worst(_layer_stats(result.model, layers, data), targets)
     assert after < 0.25 * before
 
@@ -160,7 +160,7 @@ def test_merge_with_repair_mode_applies_repair() -> None:
     data = _batches("mlp", 1)
     merged = merge_models(sources, data, MergeConfig("avg", repair="repair"), spec=spec).model
     raw = merge_models(sources, data, MergeConfig("avg", repair="none"), spec=spec)
-    repair(raw.model, sources, spec, raw.matches, data, "cpu")
+    apply_repair(raw.model, sources, spec, raw.matches, data, "cpu")
     for key, value in merged.state_dict().items():
         torch.testing.assert_close(value, raw.model.state_dict()[key], rtol=1e-12, atol=1e-12)
 
@@ -170,7 +170,7 @@ def test_repair_needs_data() -> None:
     raw = merge_models(sources, _batches("mlp", 1), MergeConfig("avg", repair="none"), spec=spec)
     before = copy.deepcopy(raw.model.state_dict())
     with pytest.raises(MudscError, match="calibration data"):
-        repair(raw.model, sources, spec, raw.matches, [], "cpu")
+        apply_repair(raw.model, sources, spec, raw.matches, [], "cpu")
     assert all(torch.equal(v, before[k]) for k, v in raw.model.state_dict().items())
 
 
