@@ -285,6 +285,31 @@ def _to_frame(
     return lambda state: transform_state(spec, state, 1, matched.matches)
 
 
+def _framed_points(
+    results: Mapping[str, MergeResult],
+    frame: str,
+    sources: Sequence[nn.Module],
+    spec: MergeSpec,
+    example: Tensor,
+    device: torch.device | str,
+) -> dict[str, dict[str, dict[str, Tensor]]]:
+    """Per method, the state dicts of its ROLES (sources and merge), in the frame's basis."""
+    raw = [{k: v.detach() for k, v in m.state_dict().items()} for m in sources]
+    framed: dict[str, dict[str, dict[str, Tensor]]] = {}
+    for m, result in results.items():
+        move = (
+            (lambda s: dict(s))
+            if m == frame
+            else _to_frame(results[frame], result, spec, example, device)
+        )
+        ends = source_states(result, sources)
+        merged = apply_matches(spec, raw, result.matches)
+        framed[m] = {
+            "source A": move(ends[0]), "source B": move(ends[1]), "merged": move(merged),
+        }  # fmt: skip
+    return framed
+
+
 def compute_landscape(
     model_a: nn.Module,
     model_b: nn.Module,
@@ -318,19 +343,7 @@ def compute_landscape(
         frame = methods[0]
         keys = parameter_keys(sources[0])
 
-        raw = [{k: v.detach() for k, v in m.state_dict().items()} for m in sources]
-        framed: dict[str, dict[str, dict[str, Tensor]]] = {}
-        for m in methods:
-            move = (
-                (lambda s: dict(s))
-                if m == frame
-                else _to_frame(results[frame], results[m], spec, batches[0][:2], device)
-            )
-            ends = source_states(results[m], sources)
-            merged = apply_matches(spec, raw, results[m].matches)
-            framed[m] = {
-                "source A": move(ends[0]), "source B": move(ends[1]), "merged": move(merged),
-            }  # fmt: skip
+        framed = _framed_points(results, frame, sources, spec, batches[0][:2], device)
 
         point_methods = [m for m in methods for _ in ROLES]
         point_roles = [r for _ in methods for r in ROLES]
