@@ -153,6 +153,13 @@ def test_real_fashion_mnist_one_epoch(tmp_path: Path) -> None:
     assert row["avg"] > 0.7  # about 0.87 after one epoch; chance is 0.2
 
 
+def test_version_needs_no_command() -> None:
+    from mudsc import __version__
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"mudsc {__version__}"
+
+
 def wide_help(command: str) -> str:
     """``mudsc COMMAND --help`` on a terminal wide enough that no help text wraps."""
     env = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}

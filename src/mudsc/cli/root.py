@@ -15,14 +15,24 @@ from mudsc import __version__
 from mudsc.cli.common import console
 
 
-def options(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log library progress."),
-    version: bool = typer.Option(False, "--version", help="Print the version and exit."),
-) -> None:
-    """Global options: logging level and the version."""
-    if version:
+def _print_version(asked: bool) -> None:
+    """Eager ``--version``: answers before click asks for a command."""
+    if asked:
         console.print(f"mudsc {__version__}")
         raise typer.Exit()
+
+
+def options(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log library progress."),
+    version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the version and exit.",
+    ),
+) -> None:
+    """Global options: logging level and the version."""
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
