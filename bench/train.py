@@ -104,9 +104,8 @@ def main() -> None:
         config,
         {"width": args.width},
         device,
-        progress=lambda r: print(
-            f"  epoch {r['epoch']}: loss {r['loss']:.4f}, train acc {100 * r['accuracy']:.1f}%",
-            flush=True,
+        progress=lambda stage, done, total, info="": print(
+            f"  {stage} epoch {done}/{total}: {info}", flush=True
         ),
     )
     test_images, test_labels = data.subset(classes, "test")

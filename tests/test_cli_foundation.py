@@ -1,16 +1,24 @@
-"""The `train`, `eval` and `spec --list` commands, and how they report user mistakes."""
+"""The `train`, `eval` and `spec --list` commands, how they report user mistakes, and the
+options derived from the config dataclasses."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
 from cli_helpers import TRAIN_ARGS, flat, invoke
-from typer.testing import Result
+from typer.testing import CliRunner, Result
 
 from mudsc.checkpoint import CONFIG_FILE, HEAD_FILE, MODEL_FILE, load_checkpoint
+from mudsc.cli import app
+from mudsc.cli.options import config_options
+from mudsc.merge import METHODS
 from mudsc.models import names
+from mudsc.train import TrainConfig
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -143,3 +151,61 @@ def test_real_fashion_mnist_one_epoch(tmp_path: Path) -> None:
     row = json.loads(evaluated.stdout)
     assert row["n_images"] == 5000
     assert row["avg"] > 0.7  # about 0.87 after one epoch; chance is 0.2
+
+
+def test_version_needs_no_command() -> None:
+    from mudsc import __version__
+
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.strip() == f"mudsc {__version__}"
+
+
+def wide_help(command: str) -> str:
+    """``mudsc COMMAND --help`` on a terminal wide enough that no help text wraps."""
+    env = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}
+    return CliRunner().invoke(app, [command, "--help"], env=env).stdout
+
+
+def test_train_options_are_the_train_config_fields() -> None:
+    """Every TrainConfig field is an option named after it, with the field's help text."""
+    text = flat(wide_help("train"))
+    for field in dataclasses.fields(TrainConfig):
+        option = "--" + field.name.replace("_", "-")
+        assert flat(option) in text and flat(field.metadata["help"]) in text, field.name
+    assert flat("--augment--no-augment") in text
+
+
+def test_merge_method_help_lists_the_registry() -> None:
+    text = flat(wide_help("merge"))
+    for name, preset in METHODS.items():
+        assert flat(f"{name}: {preset.description}") in text
+
+
+def test_config_options_pass_the_fields_as_one_dict() -> None:
+    """Defaults, a bool switch, a type override, metadata help and the generic fallback."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Knobs:
+        size: int = dataclasses.field(default=3, metadata={"help": "How many knobs."})
+        share: float | str = 0.5
+        loud: bool = True
+
+    seen: list[dict[str, Any]] = []
+
+    @config_options(Knobs, into="knobs", types={"share": str})
+    def command(name: str = typer.Option("x"), *, knobs: dict[str, Any]) -> None:
+        seen.append({"name": name, **knobs})
+
+    knobs_app = typer.Typer()
+    knobs_app.command()(command)
+    knobs_app.command("other")(lambda: None)  # two commands: typer needs the command name
+    runner = CliRunner()
+    assert runner.invoke(knobs_app, ["command"]).exit_code == 0
+    changed = ["command", "--size", "5", "--share", "auto", "--no-loud"]
+    assert runner.invoke(knobs_app, changed).exit_code == 0
+    assert seen == [
+        {"name": "x", "size": 3, "share": "0.5", "loud": True},
+        {"name": "x", "size": 5, "share": "auto", "loud": False},
+    ]
+    help_text = flat(runner.invoke(knobs_app, ["command", "--help"]).stdout)
+    assert flat("How many knobs.") in help_text and "Knobs.share" in help_text

@@ -16,7 +16,6 @@ import torch
 from matplotlib.colorbar import Colorbar
 from typer.testing import CliRunner
 
-import mudsc.cli_plots  # noqa: F401  (registers the commands on the app)
 from mudsc.apply import apply_matches
 from mudsc.checkpoint import save_checkpoint
 from mudsc.cli import app

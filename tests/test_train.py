@@ -45,6 +45,14 @@ def test_short_run_lowers_the_loss_and_learns(dataset, head) -> None:
     assert result.seconds > 0 and result.images_per_second > 0
 
 
+def test_progress_hears_every_epoch_under_its_stage(dataset, head) -> None:
+    heard: list[tuple[str, int, int, str]] = []
+    result = run(dataset, head, progress=lambda *a: heard.append(a), stage="model 0")
+    assert [(s, d, t) for s, d, t, *_ in heard] == [("model 0", e, 3) for e in range(4)]
+    last = result.history[-1]
+    assert heard[-1][3] == f"loss {last['loss']:.3f} acc {100 * last['accuracy']:.1f}%"
+
+
 def test_same_seed_is_bit_identical_other_seed_differs(dataset, head) -> None:
     a = run(dataset, head).model.state_dict()
     b = run(dataset, head).model.state_dict()

@@ -7,7 +7,7 @@ then merged with every method; each row reports joint, per-task and average accu
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from mudsc.data import calibration_batches, load_dataset, split_classes
 from mudsc.evaluate import embed, evaluate_embeddings
 from mudsc.merge import METHODS, MergeConfig, merge_models
 from mudsc.models.head import ClassEmbeddingHead
+from mudsc.progress import Progress, quiet
 from mudsc.train import TrainConfig, train
 
 DEMO_ARCH = "resnet20"
@@ -24,12 +25,12 @@ DEMO_TRAIN = TrainConfig(epochs=3, batch_size=64, lr=0.05, warmup_epochs=0.5, se
 DEMO_CALIBRATION = 500
 DEMO_ALPHA = 0.5
 
-StepFn = Callable[[str, int, int, str], None]
 
-
-def run_demo(device: torch.device | str = "cpu", progress: StepFn | None = None) -> dict[str, Any]:
+def run_demo(
+    device: torch.device | str = "cpu", progress: Progress | None = None
+) -> dict[str, Any]:
     """Train, evaluate and merge; returns {"title", "tasks", "rows"} (accuracies as fractions)."""
-    step = progress or (lambda *_: None)
+    step = progress or quiet
     data = load_dataset("embedded")
     tasks = split_classes(data.num_classes, [5, 5], seed=0)
     head = ClassEmbeddingHead.orthonormal(data.num_classes, 512, seed=0)
@@ -37,14 +38,10 @@ def run_demo(device: torch.device | str = "cpu", progress: StepFn | None = None)
 
     models = []
     for i, classes in enumerate(tasks):
-        cfg = TrainConfig(**{**DEMO_TRAIN.__dict__, "seed": i + 1})
-        label = f"train model {i} (classes {classes})"
-        step(label, 0, cfg.epochs, "")
+        cfg = replace(DEMO_TRAIN, seed=i + 1)
         result = train(
             DEMO_ARCH, data, classes, head, cfg, DEMO_ARCH_ARGS, device,
-            progress=lambda r, label=label, total=cfg.epochs: step(
-                label, int(r["epoch"]), total, f"acc {100 * r['accuracy']:.1f}%"
-            ),
+            progress=step, stage=f"train model {i} (classes {classes})",
         )  # fmt: skip
         models.append(result.model)
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from mudsc.errors import MudscError
 from mudsc.models.head import ClassEmbeddingHead
+from mudsc.modes import eval_mode
 from mudsc.partial import PartialMerge
 
 ENSEMBLE_SCALE = 100.0
@@ -52,15 +53,11 @@ def embed(
     model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device | str
 ) -> torch.Tensor:
     """Embeddings of ``images`` (already normalised floats), computed in batches, on CPU."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         out = [
             model(images[i : i + batch_size].to(device)).float().cpu()
             for i in range(0, len(images), batch_size)
         ]
-    finally:
-        model.train(was_training)
     return torch.cat(out) if out else torch.empty(0)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from mudsc.data import ImageDataset, augment, validate_classes
 from mudsc.errors import MudscError
 from mudsc.models import create
 from mudsc.models.head import ClassEmbeddingHead
+from mudsc.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,24 @@ TRAIN_SCALE = 100.0
 class TrainConfig:
     """Hyper-parameters; the defaults are the paper's recipe for ResNet-20 on CIFAR."""
 
-    epochs: int = 200
-    batch_size: int = 500
-    lr: float = 0.4
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 5.0
-    augment: bool = True
-    crop_padding: int | None = None  # None: the dataset's own (4 for 32x32, 2 for 28x28)
-    seed: int = 0
+    epochs: int = field(default=200, metadata={"help": "Training epochs (the paper uses 200)."})
+    batch_size: int = field(default=500, metadata={"help": "Images per SGD step."})
+    lr: float = field(default=0.4, metadata={"help": "Peak learning rate."})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
+    weight_decay: float = field(
+        default=5e-4, metadata={"help": "L2 penalty on weights (not on biases or norms)."}
+    )
+    warmup_epochs: float = field(
+        default=5.0, metadata={"help": "Epochs of linear warm-up before the linear decay."}
+    )
+    augment: bool = field(default=True, metadata={"help": "Random crop / flip while training."})
+    crop_padding: int | None = field(
+        default=None,
+        metadata={"help": "Random-crop padding (default: the dataset's, 4 at 32x32, 2 at 28x28)."},
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed for initialisation, order and augmentation."}
+    )
 
     def __post_init__(self) -> None:
         checks = {
@@ -83,9 +93,14 @@ def train(
     config: TrainConfig | None = None,
     arch_args: dict[str, Any] | None = None,
     device: torch.device | str = "cpu",
-    progress: Callable[[dict[str, float]], None] | None = None,
+    progress: Progress | None = None,
+    stage: str = "train",
 ) -> TrainResult:
-    """Train a fresh ``arch`` on the images of ``classes`` only; deterministic for a seed."""
+    """Train a fresh ``arch`` on the images of ``classes`` only; deterministic for a seed.
+
+    ``progress`` hears ``(stage, epoch, epochs, "loss L acc A%")`` at the start (epoch 0)
+    and after every epoch; the full records are in :attr:`TrainResult.history`.
+    """
     config = config or TrainConfig()
     classes = sorted(validate_classes(list(classes), dataset.num_classes))
     arch_args = {
@@ -130,6 +145,8 @@ def train(
     result = TrainResult(model=model)
     start = time.perf_counter()
     step = 0
+    if progress is not None:
+        progress(stage, 0, config.epochs)
     model.train()
     for epoch in range(config.epochs):
         order = torch.randperm(len(images), generator=gen)
@@ -159,11 +176,16 @@ def train(
         result.history.append(record)
         log.info("epoch %d: loss %.4f acc %.4f", epoch + 1, record["loss"], record["accuracy"])
         if progress is not None:
-            progress(record)
+            progress(stage, epoch + 1, config.epochs, epoch_note(record))
     result.seconds = time.perf_counter() - start
     result.images_per_second = len(images) * config.epochs / max(result.seconds, 1e-9)
     model.eval()
     return result
+
+
+def epoch_note(record: dict[str, float]) -> str:
+    """One epoch's record as the short note a progress bar shows."""
+    return f"loss {record['loss']:.3f} acc {100 * record['accuracy']:.1f}%"
 
 
 def train_config_dict(config: TrainConfig) -> dict[str, Any]:

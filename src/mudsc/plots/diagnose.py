@@ -20,7 +20,7 @@ Spaces without an activation tap have no S_act; their entries are ``None``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,13 +33,14 @@ from torch import Tensor, nn
 
 from mudsc.errors import MudscError
 from mudsc.merge import MergeConfig, MergeResult, merge_models
+from mudsc.modes import eval_mode
 from mudsc.plots.interpolate import check_methods
 from mudsc.plots.style import method_color, new_figure
+from mudsc.progress import Progress, tracked
 from mudsc.similarity import activation_similarity, weight_similarity
 from mudsc.stats import collect_moments
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]
 MAX_SCATTER = 4
 
 
@@ -125,7 +126,7 @@ def compute_diagnosis(
     model_a: nn.Module,
     model_b: nn.Module,
     batches: Sequence[Tensor],
-    methods: Sequence[str] = ("zipit", "wzip", "mudsc-zip"),
+    methods: Sequence[str],
     device: torch.device | str = "cpu",
     alpha: float | str = 0.5,
     merge_options: Mapping[str, Any] | None = None,
@@ -135,50 +136,50 @@ def compute_diagnosis(
     methods = check_methods(methods)
     if not batches:
         raise MudscError("the diagnosis needs calibration batches (activation similarity)")
-    sources = [model_a.to(device).eval(), model_b.to(device).eval()]
-    results: dict[str, MergeResult] = {}
-    spec = None
-    for k, m in enumerate(methods):
-        cfg = MergeConfig(method=m, alpha=alpha, device=str(device), **dict(merge_options or {}))
-        results[m] = merge_models(sources, batches, cfg, spec=spec)
-        spec = results[m].spec
-        if progress:
-            progress("merge", k + 1, len(methods))
-    assert spec is not None
-    tapped = [s.name for s in spec.mergeable if s.taps]
-    moments = collect_moments(sources, spec, batches, device, spaces=tapped)
-    s_act = {name: activation_similarity(mo) for name, mo in moments.items()}
-    states = [{k: v.detach() for k, v in m.state_dict().items()} for m in sources]
-    basis = methods[0]
+    sources = [model_a.to(device), model_b.to(device)]
+    options = dict(merge_options or {})
+    with eval_mode(*sources):
+        results: dict[str, MergeResult] = {}
+        spec = None
+        for m in tracked(methods, "merge", progress):
+            cfg = MergeConfig(method=m, alpha=alpha, device=str(device), **options)
+            results[m] = merge_models(sources, batches, cfg, spec=spec)
+            spec = results[m].spec
+        assert spec is not None
+        tapped = [s.name for s in spec.mergeable if s.taps]
+        moments = collect_moments(sources, spec, batches, device, spaces=tapped)
+        s_act = {name: activation_similarity(mo) for name, mo in moments.items()}
+        states = [{k: v.detach() for k, v in m.state_dict().items()} for m in sources]
+        basis = methods[0]
 
-    out = Diagnosis(methods=methods, basis=basis, spaces=[])
-    for space in spec.mergeable:
-        n = space.size
-        act = s_act.get(space.name)
-        s_w = {
-            m: weight_similarity(spec, space.name, states, results[m].matches, "correlation")
-            for m in methods
-        }
-        matched: dict[str, dict[str, float | int | None]] = {}
-        out.cross_pairs[space.name] = {}
-        for m in methods:
-            pairs = cluster_pairs(results[m].matches[space.name].unmerge)
-            cross = pairs[(pairs[:, 0] < n) & (pairs[:, 1] >= n)]
-            matched[m] = {
-                "activation": None if act is None else mean_over_pairs(act, pairs),
-                "weight": mean_over_pairs(s_w[m], pairs),
-                "cross_model_pairs": len(cross),
-                "within_model_pairs": len(pairs) - len(cross),
+        out = Diagnosis(methods=methods, basis=basis, spaces=[])
+        for space in spec.mergeable:
+            n = space.size
+            act = s_act.get(space.name)
+            s_w = {
+                m: weight_similarity(spec, space.name, states, results[m].matches, "correlation")
+                for m in methods
             }
-            out.cross_pairs[space.name][m] = np.stack([cross[:, 0], cross[:, 1] - n], axis=1)
-        rho = None
-        w_cross = cross_block(s_w[basis], n)
-        if act is not None:
-            a_cross = cross_block(act, n)
-            rho = rank_agreement(w_cross, a_cross)
-            out.cross[space.name] = (w_cross, a_cross)
-        out.spaces.append(SpaceDiagnosis(space.name, n, rho, matched))
-    return out
+            matched: dict[str, dict[str, float | int | None]] = {}
+            out.cross_pairs[space.name] = {}
+            for m in methods:
+                pairs = cluster_pairs(results[m].matches[space.name].unmerge)
+                cross = pairs[(pairs[:, 0] < n) & (pairs[:, 1] >= n)]
+                matched[m] = {
+                    "activation": None if act is None else mean_over_pairs(act, pairs),
+                    "weight": mean_over_pairs(s_w[m], pairs),
+                    "cross_model_pairs": len(cross),
+                    "within_model_pairs": len(pairs) - len(cross),
+                }
+                out.cross_pairs[space.name][m] = np.stack([cross[:, 0], cross[:, 1] - n], axis=1)
+            rho = None
+            w_cross = cross_block(s_w[basis], n)
+            if act is not None:
+                a_cross = cross_block(act, n)
+                rho = rank_agreement(w_cross, a_cross)
+                out.cross[space.name] = (w_cross, a_cross)
+            out.spaces.append(SpaceDiagnosis(space.name, n, rho, matched))
+        return out
 
 
 # -- the figure ---------------------------------------------------------------------------

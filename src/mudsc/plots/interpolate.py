@@ -19,9 +19,10 @@ set, per-task loss/accuracy, and the renormalisation step.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +39,9 @@ from mudsc.errors import MudscError
 from mudsc.evaluate import embed
 from mudsc.merge import METHODS, MergeConfig, MergeResult, merge_models
 from mudsc.models.head import ClassEmbeddingHead
+from mudsc.modes import eval_mode
 from mudsc.plots.style import new_figure, variant_style
+from mudsc.progress import Progress, counted
 from mudsc.repair import repair, reset_batchnorm, resolve_mode
 from mudsc.solvers.match import Match
 from mudsc.spaces import MergeSpec
@@ -48,7 +51,6 @@ log = logging.getLogger(__name__)
 LOSS_SCALE = 100.0  # cosine-logit scale used in training (ALGORITHM.md section 8)
 VARIANTS = ("naive", "aligned", "aligned + renorm")
 RENORM_LABELS = {"bn": "BN reset", "repair": "REPAIR", "none": "no renormalisation"}
-Progress = Callable[[str, int, int], None]
 
 
 # -- evaluation primitives (shared with the landscape) --------------------------------
@@ -214,7 +216,7 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     """The methods as a list, or an error naming the unknown or repeated ones."""
     methods = list(methods)
     if not methods:
-        raise MudscError("name at least one method, e.g. --methods zipit,wzip,mudsc-zip")
+        raise MudscError(f"name at least one method; valid methods: {', '.join(METHODS)}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise MudscError(f"unknown method(s) {unknown}; valid methods: {', '.join(METHODS)}")
@@ -304,27 +306,23 @@ def compute_interpolation(
         raise MudscError(f"--steps must be at least 2 (the two end points), got {steps}")
     if not batches:
         raise MudscError("interpolation needs calibration batches (for matching and BN reset)")
-    sources = [model_a.to(device).eval(), model_b.to(device).eval()]
-    options = dict(merge_options or {})
-    config = MergeConfig(method=method, alpha=alpha, device=str(device), **options)
-    result = merge_models(sources, batches, config)
-    renorm = renormaliser_for(result, sources, batches, device)
-    raw = [{k: v.detach() for k, v in m.state_dict().items()} for m in sources]
-    aligned = source_states(result, sources)
+    sources = [model_a.to(device), model_b.to(device)]
+    config = MergeConfig(method=method, alpha=alpha, device=str(device), **(merge_options or {}))
     ts = np.linspace(0.0, 1.0, steps)
     loss = np.zeros((len(VARIANTS), steps, len(data.tasks)))
     acc = np.zeros_like(loss)
-    total, done = len(VARIANTS) * steps, 0
-    for s, t in enumerate(ts):
-        for v, variant in enumerate(VARIANTS):
+    points = itertools.product(enumerate(ts), enumerate(VARIANTS))
+    with eval_mode(*sources):
+        result = merge_models(sources, batches, config)
+        renorm = renormaliser_for(result, sources, batches, device)
+        raw = [{k: v.detach() for k, v in m.state_dict().items()} for m in sources]
+        aligned = source_states(result, sources)
+        for (s, t), (v, variant) in counted(points, "interpolate", steps * len(VARIANTS), progress):
             ends = raw if variant == "naive" else aligned
             model = model_with_state(sources[0], lerp_state(ends[0], ends[1], float(t)))
             if variant == "aligned + renorm":
                 renorm(model, (1.0 - float(t), float(t)))
             loss[v, s], acc[v, s] = task_metrics(model, data, device)
-            done += 1
-            if progress:
-                progress("interpolate", done, total)
     return Interpolation(
         method=method,
         ts=ts,

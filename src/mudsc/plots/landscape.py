@@ -46,6 +46,7 @@ projection onto the plane, which differs by how far the point lies off the plane
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -64,6 +65,7 @@ from torch import Tensor, nn
 from mudsc.apply import apply_matches, transform_state
 from mudsc.errors import MudscError
 from mudsc.merge import MergeConfig, MergeResult, merge_models
+from mudsc.modes import eval_mode
 from mudsc.plots.interpolate import (
     EvalSet,
     Renormaliser,
@@ -74,10 +76,10 @@ from mudsc.plots.interpolate import (
     task_metrics,
 )
 from mudsc.plots.style import POINT_MARKERS, method_color, new_figure
+from mudsc.progress import Progress, counted, tracked
 from mudsc.spaces import MergeSpec
 
 log = logging.getLogger(__name__)
-Progress = Callable[[str, int, int], None]
 ROLES = ("source A", "source B", "merged")
 
 
@@ -283,12 +285,37 @@ def _to_frame(
     return lambda state: transform_state(spec, state, 1, matched.matches)
 
 
+def _framed_points(
+    results: Mapping[str, MergeResult],
+    frame: str,
+    sources: Sequence[nn.Module],
+    spec: MergeSpec,
+    example: Tensor,
+    device: torch.device | str,
+) -> dict[str, dict[str, dict[str, Tensor]]]:
+    """Per method, the state dicts of its ROLES (sources and merge), in the frame's basis."""
+    raw = [{k: v.detach() for k, v in m.state_dict().items()} for m in sources]
+    framed: dict[str, dict[str, dict[str, Tensor]]] = {}
+    for m, result in results.items():
+        move = (
+            (lambda s: dict(s))
+            if m == frame
+            else _to_frame(results[frame], result, spec, example, device)
+        )
+        ends = source_states(result, sources)
+        merged = apply_matches(spec, raw, result.matches)
+        framed[m] = {
+            "source A": move(ends[0]), "source B": move(ends[1]), "merged": move(merged),
+        }  # fmt: skip
+    return framed
+
+
 def compute_landscape(
     model_a: nn.Module,
     model_b: nn.Module,
     data: EvalSet,
     batches: Sequence[Tensor],
-    methods: Sequence[str] = ("zipit", "wzip", "mudsc-zip"),
+    methods: Sequence[str],
     resolution: int = 9,
     device: torch.device | str = "cpu",
     alpha: float | str = 0.5,
@@ -303,100 +330,80 @@ def compute_landscape(
         raise MudscError("the landscape needs calibration batches (matching and BN reset)")
     if path_steps < 2:
         raise MudscError(f"path_steps must be at least 2, got {path_steps}")
-    sources = [model_a.to(device).eval(), model_b.to(device).eval()]
+    sources = [model_a.to(device), model_b.to(device)]
     options = dict(merge_options or {})
-    results: dict[str, MergeResult] = {}
-    spec = None
-    for k, m in enumerate(methods):
-        cfg = MergeConfig(method=m, alpha=alpha, device=str(device), **options)
-        results[m] = merge_models(sources, batches, cfg, spec=spec)
-        spec = results[m].spec
-        if progress:
-            progress("merge", k + 1, len(methods))
-    assert spec is not None
-    frame = methods[0]
-    keys = parameter_keys(sources[0])
+    with eval_mode(*sources):
+        results: dict[str, MergeResult] = {}
+        spec = None
+        for m in tracked(methods, "merge", progress):
+            cfg = MergeConfig(method=m, alpha=alpha, device=str(device), **options)
+            results[m] = merge_models(sources, batches, cfg, spec=spec)
+            spec = results[m].spec
+        assert spec is not None
+        frame = methods[0]
+        keys = parameter_keys(sources[0])
 
-    raw = [{k: v.detach() for k, v in m.state_dict().items()} for m in sources]
-    framed: dict[str, dict[str, dict[str, Tensor]]] = {}
-    for m in methods:
-        move = (
-            (lambda s: dict(s))
-            if m == frame
-            else _to_frame(results[frame], results[m], spec, batches[0][:2], device)
+        framed = _framed_points(results, frame, sources, spec, batches[0][:2], device)
+
+        point_methods = [m for m in methods for _ in ROLES]
+        point_roles = [r for _ in methods for r in ROLES]
+        vectors = np.stack(
+            [
+                parameter_vector(framed[m][r], keys)
+                for m, r in zip(point_methods, point_roles, strict=True)
+            ]
         )
-        ends = source_states(results[m], sources)
-        merged = apply_matches(spec, raw, results[m].matches)
-        framed[m] = {
-            "source A": move(ends[0]), "source B": move(ends[1]), "merged": move(merged),
-        }  # fmt: skip
+        ts = np.linspace(0.0, 1.0, path_steps)
+        a, b = (ROLES.index(r) for r in ("source A", "source B"))
+        path_vectors = np.stack(
+            [
+                (1 - t) * vectors[len(ROLES) * i + a] + t * vectors[len(ROLES) * i + b]
+                for i in range(len(methods))
+                for t in ts
+            ]
+        )
+        plane = pca_plane(np.concatenate([vectors, path_vectors]))
+        points = plane.project(vectors)
+        paths = plane.project(path_vectors).reshape(len(methods), path_steps, 2)
 
-    point_methods = [m for m in methods for _ in ROLES]
-    point_roles = [r for _ in methods for r in ROLES]
-    vectors = np.stack(
-        [
-            parameter_vector(framed[m][r], keys)
-            for m, r in zip(point_methods, point_roles, strict=True)
-        ]
-    )
-    ts = np.linspace(0.0, 1.0, path_steps)
-    a, b = (ROLES.index(r) for r in ("source A", "source B"))
-    path_vectors = np.stack(
-        [
-            (1 - t) * vectors[len(ROLES) * i + a] + t * vectors[len(ROLES) * i + b]
-            for i in range(len(methods))
-            for t in ts
-        ]
-    )
-    plane = pca_plane(np.concatenate([vectors, path_vectors]))
-    points = plane.project(vectors)
-    paths = plane.project(path_vectors).reshape(len(methods), path_steps, 2)
+        template = framed[frame]["merged"]
+        renorm: Renormaliser = renormaliser_for(results[frame], sources, batches, device)
 
-    template = framed[frame]["merged"]
-    renorm: Renormaliser = renormaliser_for(results[frame], sources, batches, device)
+        def loss_at(vector: np.ndarray) -> np.ndarray:
+            model = model_with_state(sources[0], state_from_vector(vector, keys, template))
+            renorm(model)
+            losses, _ = task_metrics(model, data, device)
+            return np.append(losses, losses.mean())
 
-    def loss_at(vector: np.ndarray) -> np.ndarray:
-        model = model_with_state(sources[0], state_from_vector(vector, keys, template))
-        renorm(model)
-        losses, _ = task_metrics(model, data, device)
-        return np.append(losses, losses.mean())
-
-    us, vs = grid_axes(np.concatenate([points, paths.reshape(-1, 2)]), resolution, margin)
-    total = resolution * resolution + len(vectors)
-    loss = np.zeros((len(data.tasks) + 1, resolution, resolution))
-    done = 0
-    for iv, v in enumerate(vs):
-        for iu, u in enumerate(us):
-            loss[:, iv, iu] = loss_at(plane.point(u, v))
-            done += 1
-            if progress:
-                progress("grid", done, total)
-    point_loss = np.zeros((len(vectors), len(data.tasks) + 1))
-    for i, vec in enumerate(vectors):
-        point_loss[i] = loss_at(vec)
-        done += 1
-        if progress:
-            progress("grid", done, total)
-    return Landscape(
-        methods=methods,
-        frame=frame,
-        tasks=[list(t) for t in data.tasks],
-        us=us,
-        vs=vs,
-        loss=loss,
-        point_methods=point_methods,
-        point_roles=point_roles,
-        points=points,
-        point_loss=point_loss,
-        point_residual=plane.residual(vectors),
-        paths=paths,
-        plane=plane,
-        parameter_keys=keys,
-        renorm=renorm.label,
-        alphas={m: r.alpha for m, r in results.items()},
-        merges=results,
-        merged_states={m: framed[m]["merged"] for m in methods},
-    )
+        us, vs = grid_axes(np.concatenate([points, paths.reshape(-1, 2)]), resolution, margin)
+        grid = (plane.point(u, v) for v in vs for u in us)
+        total = resolution * resolution + len(vectors)
+        losses = np.stack(
+            [loss_at(x) for x in counted(itertools.chain(grid, vectors), "grid", total, progress)]
+        )
+        grid_loss = losses[: resolution * resolution].reshape(resolution, resolution, -1)
+        loss = np.ascontiguousarray(grid_loss.transpose(2, 0, 1))
+        point_loss = losses[resolution * resolution :]
+        return Landscape(
+            methods=methods,
+            frame=frame,
+            tasks=[list(t) for t in data.tasks],
+            us=us,
+            vs=vs,
+            loss=loss,
+            point_methods=point_methods,
+            point_roles=point_roles,
+            points=points,
+            point_loss=point_loss,
+            point_residual=plane.residual(vectors),
+            paths=paths,
+            plane=plane,
+            parameter_keys=keys,
+            renorm=renorm.label,
+            alphas={m: r.alpha for m, r in results.items()},
+            merges=results,
+            merged_states={m: framed[m]["merged"] for m in methods},
+        )
 
 
 # -- the figure ---------------------------------------------------------------------------

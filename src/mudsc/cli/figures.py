@@ -19,10 +19,12 @@ import torch
 import typer
 from rich.table import Table
 
-from mudsc.cli import app, console, friendly, progress_bar, resolve_device
+from mudsc.cli.common import console, friendly, progress_bars, resolve_device
 from mudsc.errors import MudscError
+from mudsc.merge import METHODS
 
-DEFAULT_METHODS = "zipit,wzip,mudsc-zip"
+# The methods the figures compare unless told otherwise (the first one sets the frame).
+DEFAULT_METHODS = ("zipit", "wzip", "mudsc-zip")
 
 
 @dataclass
@@ -52,6 +54,7 @@ def _load_pair(a: Path, b: Path, data: str | None, data_dir: Path | None, dev: A
 
 
 def _batches(pair: _Pair, size: int, batch_size: int, seed: int, dev: Any) -> list[torch.Tensor]:
+    """Calibration images from the training split of both tasks' classes."""
     from mudsc.data import calibration_batches
 
     classes = sorted({c for t in pair.tasks for c in t})
@@ -59,10 +62,10 @@ def _batches(pair: _Pair, size: int, batch_size: int, seed: int, dev: Any) -> li
 
 
 def _methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    if not methods:
-        raise MudscError("--methods needs at least one method, e.g. zipit,wzip,mudsc-zip")
-    return methods
+    """``--methods a,b,c`` as a list, checked against the method registry."""
+    from mudsc.plots.interpolate import check_methods
+
+    return check_methods([m.strip() for m in text.split(",") if m.strip()])
 
 
 def _outputs(output: Path, suffix: str, force: bool) -> tuple[Path, Path]:
@@ -73,29 +76,21 @@ def _outputs(output: Path, suffix: str, force: bool) -> tuple[Path, Path]:
     return output, data_file
 
 
-class _Steps:
-    """Progress callback feeding one rich bar per stage."""
-
-    def __init__(self, bar: Any) -> None:
-        self.bar, self.jobs = bar, {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        if stage not in self.jobs:
-            self.jobs[stage] = self.bar.add_task(stage, total=total, info="")
-        self.bar.update(self.jobs[stage], completed=done)
+_METHODS_HELP = f"Comma-separated, from: {', '.join(METHODS)}."
 
 
 _A = typer.Argument(..., help="Source checkpoint A.")
 _B = typer.Argument(..., help="Source checkpoint B.")
 
 
-@app.command()
 @friendly
-def landscape(
+def landscape_command(
     a: Path = _A,
     b: Path = _B,
     output: Path = typer.Option(Path("landscape.png"), "--output", "-o", help="PNG to write."),
-    methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated methods; first = frame."),
+    methods: str = typer.Option(
+        ",".join(DEFAULT_METHODS), help=f"{_METHODS_HELP} The first sets the frame."
+    ),
     resolution: int = typer.Option(9, help="Grid points per axis (cost grows as its square)."),
     data_size: int = typer.Option(500, help="Test images the losses are computed on."),
     calibration_size: int = typer.Option(256, help="Training images for matching and BN reset."),
@@ -118,10 +113,10 @@ def landscape(
     pair = _load_pair(a, b, data, data_dir, dev)
     evalset = EvalSet.sample(pair.dataset, pair.tasks, pair.head, data_size, seed)
     batches = _batches(pair, calibration_size, batch_size, seed, dev)
-    with progress_bar() as bar:
+    with progress_bars() as progress:
         land = compute_landscape(
             pair.models[0], pair.models[1], evalset, batches, chosen, resolution, dev, alpha,
-            progress=_Steps(bar),
+            progress=progress,
         )  # fmt: skip
     save_npz(npz, land.arrays())
     save_figure(plot_landscape(land), png)
@@ -137,13 +132,14 @@ def landscape(
     )
 
 
-@app.command()
 @friendly
-def diagnose(
+def diagnose_command(
     a: Path = _A,
     b: Path = _B,
     output: Path = typer.Option(Path("diagnose.png"), "--output", "-o", help="PNG to write."),
-    methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated; first = S_w basis."),
+    methods: str = typer.Option(
+        ",".join(DEFAULT_METHODS), help=f"{_METHODS_HELP} The first sets the S_w basis."
+    ),
     calibration_size: int = typer.Option(256, help="Training images for the statistics."),
     alpha: str = typer.Option("0.5", help="MuDSC weight-space share, or 'auto'."),
     data: str = typer.Option(None, "--data", help="Dataset (default: the checkpoints')."),
@@ -163,9 +159,9 @@ def diagnose(
     chosen = _methods(methods)
     pair = _load_pair(a, b, data, data_dir, dev)
     batches = _batches(pair, calibration_size, batch_size, seed, dev)
-    with progress_bar() as bar:
+    with progress_bars() as progress:
         diag = compute_diagnosis(pair.models[0], pair.models[1], batches, chosen, dev, alpha,
-                                 progress=_Steps(bar))  # fmt: skip
+                                 progress=progress)  # fmt: skip
     save_json(data_file, diag.to_dict())
     save_figure(plot_diagnosis(diag), png)
     if as_json:
@@ -190,9 +186,8 @@ def diagnose(
     console.print(f"wrote {png} and {data_file}")
 
 
-@app.command()
 @friendly
-def interpolate(
+def interpolate_command(
     a: Path = _A,
     b: Path = _B,
     method: str = typer.Option("mudsc-zip", help="Method whose merged basis aligns A and B."),
@@ -222,9 +217,9 @@ def interpolate(
     pair = _load_pair(a, b, data, data_dir, dev)
     evalset = EvalSet.sample(pair.dataset, pair.tasks, pair.head, data_size, seed)
     batches = _batches(pair, calibration_size, batch_size, seed, dev)
-    with progress_bar() as bar:
+    with progress_bars() as progress:
         interp = compute_interpolation(pair.models[0], pair.models[1], evalset, batches, method,
-                                       steps, dev, alpha, progress=_Steps(bar))  # fmt: skip
+                                       steps, dev, alpha, progress=progress)  # fmt: skip
     save_json(data_file, interp.to_dict())
     save_figure(plot_interpolation(interp), png)
     table = Table(

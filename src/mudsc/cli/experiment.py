@@ -1,4 +1,7 @@
-"""``mudsc experiment CONFIG.yaml``: the paper's protocol end to end, with progress and tables."""
+"""``mudsc experiment CONFIG.yaml``: the paper's protocol end to end, with progress and tables.
+
+``_check`` and ``_run`` are the only calls into the experiment library.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +13,30 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from mudsc.cli import app, console, friendly, progress_bar, report_table, resolve_device
+from mudsc.cli.common import console, friendly, progress_bars, report_table, resolve_device
+from mudsc.progress import Progress
 
 
-def _progress(bar: Any) -> Any:
-    jobs: dict[str, Any] = {}
+def _check(cfg: Any) -> str:
+    """Validate the config against its dataset; the one-line summary of what would run."""
+    from mudsc.experiment import check_against_dataset, prepare_dataset
+    from mudsc.hetero import check_hetero
 
-    def step(stage: str, done: int, total: int, info: str = "") -> None:
-        if stage not in jobs:
-            jobs[stage] = bar.add_task(stage, total=total, info="")
-        bar.update(jobs[stage], completed=done, total=total, info=info)
+    data = prepare_dataset(cfg)
+    if cfg.kind == "hetero":
+        check_hetero(cfg, data)
+        return f"encoder pairs {list(cfg.hetero.task_pairs)}"
+    splits = check_against_dataset(cfg, data)
+    return f"{cfg.pairs} pair(s), class splits {splits}"
 
-    return step
+
+def _run(cfg: Any, device: Any, force: bool, progress: Progress) -> dict[str, Any]:
+    """Run the experiment its kind names (paired sources or heterogeneous encoders)."""
+    from mudsc.experiment import run_experiment
+    from mudsc.hetero import run_hetero
+
+    run = run_hetero if cfg.kind == "hetero" else run_experiment
+    return run(cfg, device, force=force, progress=progress)
 
 
 def _summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -54,9 +69,8 @@ def _hetero_table(results: dict[str, Any]) -> Table:
     return table
 
 
-@app.command()
 @friendly
-def experiment(
+def experiment_command(
     config: Path = typer.Argument(..., help="Experiment config (YAML); see configs/."),
     output: Path = typer.Option(
         None, "--output", "-o", help="Output folder (default: the config's output_dir)."
@@ -71,30 +85,20 @@ def experiment(
 
     Interrupted runs resume: finished checkpoints and merge results are reused.
     """
-    from mudsc.experiment import check_against_dataset, prepare_dataset, run_experiment
     from mudsc.experiment_config import load_config
-    from mudsc.hetero import check_hetero, run_hetero
 
     cfg = load_config(config)
     if output is not None:
         cfg = replace(cfg, output_dir=str(output))
     dev = resolve_device(device)
-    hetero = cfg.kind == "hetero"
     if dry_run:
-        data = prepare_dataset(cfg)
-        if hetero:
-            check_hetero(cfg, data)
-            console.print(f"{config}: valid; encoder pairs {list(cfg.hetero.task_pairs)}")
-        else:
-            splits = check_against_dataset(cfg, data)
-            console.print(f"{config}: valid; {cfg.pairs} pair(s), class splits {splits}")
+        console.print(f"{config}: valid; {_check(cfg)}")
         return
     start = time.perf_counter()
-    with progress_bar() as bar:
-        run = run_hetero if hetero else run_experiment
-        results = run(cfg, dev, force=force, progress=_progress(bar))
+    with progress_bars() as progress:
+        results = _run(cfg, dev, force, progress)
     out = Path(cfg.output_dir)
-    if hetero:
+    if cfg.kind == "hetero":
         console.print(_hetero_table(results))
     else:
         title = f"{cfg.name}: mean over {len(results['pairs'])} pair(s), accuracy %"

@@ -1,0 +1,92 @@
+"""Command-line options derived from a config dataclass, so names and defaults live once.
+
+Each field of the dataclass becomes one typer option: ``--field-name``, the field's type
+and default, and the help text in ``field(metadata={"help": ...})``.  A bool field becomes
+a ``--name/--no-name`` switch.  The command receives the values as one dict and builds
+the config itself, so it decides when validation errors surface.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, TypeVar
+
+import typer
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def field_help(config: type, field: dataclasses.Field) -> str:
+    """The field's own help text; a pointer to the dataclass where it has none."""
+    return field.metadata.get("help") or f"{config.__name__}.{field.name}"
+
+
+def field_parameters(
+    config: type,
+    skip: Collection[str] = (),
+    types: Mapping[str, type] | None = None,
+    helps: Mapping[str, str] | None = None,
+    panel: str | None = None,
+) -> list[inspect.Parameter]:
+    """One keyword-only typer parameter per field of ``config`` (except ``skip``).
+
+    ``types`` overrides a field's type where typer cannot parse it (``float | str``);
+    ``helps`` overrides a help text that is computed at run time (e.g. from a registry).
+    """
+    hints = typing.get_type_hints(config)
+    params = []
+    for field in dataclasses.fields(config):
+        if field.name in skip:
+            continue
+        if field.default is dataclasses.MISSING:
+            raise TypeError(f"{config.__name__}.{field.name} needs a default to be an option")
+        option = typer.Option(
+            field.default,
+            help=(helps or {}).get(field.name) or field_help(config, field),
+            rich_help_panel=panel,
+        )
+        annotation = (types or {}).get(field.name, hints[field.name])
+        params.append(
+            inspect.Parameter(
+                field.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation
+            )
+        )
+    return params
+
+
+def config_options(
+    config: type,
+    into: str,
+    skip: Collection[str] = (),
+    types: Mapping[str, type] | None = None,
+    helps: Mapping[str, str] | None = None,
+    panel: str | None = None,
+) -> Callable[[F], F]:
+    """Decorator: add ``config``'s fields as options; the command gets them as ``into``.
+
+    The command declares ``into`` as a keyword-only parameter (a dict of field values);
+    typer sees the fields instead, listed after the command's own options.
+    """
+    extra = field_parameters(config, skip, types, helps, panel)
+    names = [p.name for p in extra]
+
+    def decorate(command: F) -> F:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != into]
+        clash = set(names) & {p.name for p in own}
+        if clash:
+            raise TypeError(f"{command.__name__} already has parameters {sorted(clash)}")
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name in names}
+            return command(**kwargs, **{into: values})
+
+        wrapper.__signature__ = signature.replace(parameters=[*own, *extra])  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
