@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mudsc.errors import MudscError
+from mudsc.modes import eval_mode
 from mudsc.spaces.spec import MergeSpec, Space, Tap
 
 logger = logging.getLogger(__name__)
@@ -365,7 +366,6 @@ def collect_moments(
     n_models = len(models)
     accs = {s.name: _Accumulator(n_models * s.size, n_models, dev, dtype) for s in chosen}
     recorder = _Recorder(n_models, accs)
-    modes = [[(m, m.training) for m in model.modules()] for model in models]
     n_batches = 0
     with ExitStack() as stack:
         for i, model in enumerate(models):
@@ -386,10 +386,7 @@ def collect_moments(
                         else module.register_forward_hook(hook)
                     )
                     stack.callback(handle.remove)
-        for model_modes in modes:
-            stack.callback(_restore_modes, model_modes)
-        for model in models:
-            model.eval()
+        stack.enter_context(eval_mode(*models))
         with torch.no_grad():
             for batch in batches:
                 for model in models:
@@ -415,8 +412,3 @@ def collect_moments(
         result[name] = acc.moments()
     logger.debug("collected moments of %d spaces over %d batches", len(result), n_batches)
     return result
-
-
-def _restore_modes(modes: Sequence[tuple[nn.Module, bool]]) -> None:
-    for module, training in modes:
-        module.training = training
