@@ -26,7 +26,6 @@ from mudsc.solvers.match import Match
 from mudsc.spaces import MergeSpec
 from mudsc.stages import (
     Candidate,
-    Inputs,
     Traced,
     activation_similarities,
     agreement,
@@ -209,48 +208,33 @@ def merge_models(
     """
     cfg = config or MergeConfig()
     method = METHODS[cfg.method]
-    similarity = method.similarity_record
-    activations = similarity is not None and similarity.activations
     inputs = prepare_stage(
-        models, data, cfg.method, activations, cfg.repair, cfg.device, example_input
+        models, data, cfg.method, method.needs_activations, cfg.repair, cfg.device, example_input
     )
     timer = StageTimer()
     with timer.stage("trace"):
         traced = trace_stage(inputs.models[0], spec, inputs.example, cfg.stop_at)
     sources, batches = layout_stage(inputs.models, inputs.batches)
-    alphas = alpha_candidates(similarity, cfg)
-    auto = similarity is not None and similarity.uses_alpha and cfg.alpha == "auto"
-    fit, held = split_holdout(batches, cfg.holdout) if auto and score_fn is None else (batches, [])
+    held_out = method.uses_alpha and cfg.alpha == "auto" and score_fn is None
+    fit, held = split_holdout(batches, cfg.holdout) if held_out else (batches, [])
     s_act: dict[str, Tensor] = {}
-    if activations:
+    if method.needs_activations:
         with timer.stage("statistics"):
             moments = statistics_stage(
                 sources, traced.spec, fit, cfg.device, cfg.stats_dtype, progress
             )
             s_act = activation_similarities(moments)
     states = [{k: v.detach() for k, v in m.state_dict().items()} for m in sources]
-    limits = SweepLimits(cfg.max_sweeps, cfg.patience, cfg.tolerance, cfg.seed)
     engine = SweepEngine(
-        traced.spec, states, similarity, method.solver_record, solver_params(method, cfg),
-        s_act, timer, progress,
+        traced.spec, states, method.similarity_record, method.solver_record,
+        solver_params(method, cfg), s_act, timer, progress,
     )  # fmt: skip
     with timer.stage("solve"):
         start = engine.initial()
-
-    def build(alpha: float | None) -> Candidate:
-        matches, sweeps = start, 0
-        if alpha is not None:
-            with timer.stage("sweeps"):
-                matches, sweeps = engine.sweep(start, alpha, limits)
-        return _build(sources, states, traced, matches, fit, cfg, inputs, timer, alpha, sweeps)
-
-    def score(c: Candidate) -> float:
-        if score_fn is None:
-            return agreement(c.model, sources, held)
-        return score_fn(MergeResult(c.model, traced.spec, dict(c.matches), cfg, c.alpha,
-                                    sweeps=c.sweeps))  # fmt: skip
-
-    best, scores = alpha_search(alphas, build, score, timer, progress)
+    run = _Candidates(cfg, sources, states, traced, fit, held, inputs.example, engine, start,
+                      timer, score_fn)  # fmt: skip
+    alphas = alpha_candidates(method.similarity_record, cfg)
+    best, scores = alpha_search(alphas, run.build, run.score, timer, progress)
     timer.seconds.setdefault("assignment", 0.0)
     return MergeResult(
         model=best.model.to(memory_format=torch.contiguous_format),
@@ -266,24 +250,47 @@ def merge_models(
     )
 
 
-def _build(
-    sources: Sequence[nn.Module],
-    states: Sequence[dict[str, Tensor]],
-    traced: Traced,
-    matches: dict[str, Match],
-    batches: Sequence[Tensor],
-    cfg: MergeConfig,
-    inputs: Inputs,
-    timer: StageTimer,
-    alpha: float | None,
-    sweeps: int,
-) -> Candidate:
-    """Apply the matches and repair the result: one candidate of the alpha search."""
-    with timer.stage("apply"):
-        merged = apply_stage(sources, states, traced, matches, cfg.stop_at, inputs.example)
-    with timer.stage("repair"):
-        repair_stage(merged, sources, traced, matches, batches, cfg.repair, cfg.device)
-    return Candidate(alpha, matches, sweeps, merged)
+@dataclass(frozen=True)
+class _Candidates:
+    """What the alpha search needs to build a merged model per alpha and score it."""
+
+    cfg: MergeConfig
+    sources: Sequence[nn.Module]
+    states: Sequence[dict[str, Tensor]]
+    traced: Traced
+    fit: Sequence[Tensor]
+    held: Sequence[Tensor]
+    example: Tensor
+    engine: SweepEngine
+    start: dict[str, Match]
+    timer: StageTimer
+    score_fn: Callable[[MergeResult], float] | None
+
+    def build(self, alpha: float | None) -> Candidate:
+        """Sweep at ``alpha`` (none without weight similarity), apply, repair."""
+        cfg, timer = self.cfg, self.timer
+        matches, sweeps = self.start, 0
+        if alpha is not None:
+            with timer.stage("sweeps"):
+                limits = SweepLimits(cfg.max_sweeps, cfg.patience, cfg.tolerance, cfg.seed)
+                matches, sweeps = self.engine.sweep(self.start, alpha, limits)
+        with timer.stage("apply"):
+            merged = apply_stage(
+                self.sources, self.states, self.traced, matches, cfg.stop_at, self.example
+            )
+        with timer.stage("repair"):
+            repair_stage(merged, self.sources, self.traced, matches, self.fit, cfg.repair,
+                         cfg.device)  # fmt: skip
+        return Candidate(alpha, matches, sweeps, merged)
+
+    def score(self, candidate: Candidate) -> float:
+        """The user's score of the candidate result, or its agreement with the sources on
+        the held-out batches."""
+        if self.score_fn is None:
+            return agreement(candidate.model, self.sources, self.held)
+        result = MergeResult(candidate.model, self.traced.spec, dict(candidate.matches),
+                             self.cfg, candidate.alpha, sweeps=candidate.sweeps)  # fmt: skip
+        return self.score_fn(result)
 
 
 def merge(

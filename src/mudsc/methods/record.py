@@ -56,6 +56,12 @@ class Method:
         return (sim.params if sim else ()) + self.solver_record.params
 
     @property
+    def needs_activations(self) -> bool:
+        """Whether the method's similarity reads activation statistics (calibration data)."""
+        sim = self.similarity_record
+        return sim is not None and sim.activations
+
+    @property
     def uses_alpha(self) -> bool:
         """Whether the method blends activation and weight similarity (alpha matters)."""
         sim = self.similarity_record
