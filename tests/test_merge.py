@@ -502,6 +502,19 @@ def test_alpha_auto_scores_every_alpha_on_held_out_data() -> None:
     assert result.card()["alpha_scores"] == {str(a): s for a, s in result.alpha_scores.items()}
 
 
+def test_timings_name_every_stage_that_ran() -> None:
+    """bench/merge.py and the merge card read these keys."""
+    c = case("mlp")
+    cfg = fast("mudsc-zip", alpha="auto", alpha_grid=GRID, max_sweeps=2)
+    result = merge_models(_auto_models(), c.batches, cfg, spec=c.spec)
+    stages = {"trace", "statistics", "solve", "sweeps", "apply", "repair", "alpha search"}
+    assert set(result.timings) == stages | {"assignment"}
+    assert all(t >= 0 for t in result.timings.values())
+    avg = merge_models(_auto_models(), c.batches, fast("avg"), spec=c.spec)
+    assert set(avg.timings) == {"trace", "solve", "apply", "repair", "assignment"}
+    assert avg.timings["assignment"] == 0.0
+
+
 def test_alpha_auto_with_a_user_score() -> None:
     scores = iter([0.3, 0.9, 0.1])
     seen: list[MergeResult] = []

@@ -52,7 +52,9 @@ def _help(text: str) -> dict[str, str]:
 class MergeConfig:
     """Every knob of a merge, validated on construction."""
 
-    method: str = field(default="mudsc-zip", metadata=_help("merging method (see METHODS)"))
+    method: str = field(
+        default="mudsc-zip", metadata=_help("merging method, by name (mudsc.methods.METHODS)")
+    )
     alpha: float | str = field(default=ALPHA.default, metadata=_help(ALPHA.help))
     alpha_grid: tuple[float, ...] = field(
         default=ALPHA_GRID, metadata=_help("alpha values tried by alpha='auto', each in [0, 1]")
@@ -305,9 +307,10 @@ def merge(
 ) -> nn.Module:
     """Merge N >= 2 models of one architecture into one model of the same class and widths.
 
-    ``data`` is an iterable of input batches (labels unused); ``method`` is one of
-    :data:`METHODS`; every other keyword is a :class:`MergeConfig` field (``alpha`` may be
-    ``"auto"``).  Returns the merged model; use :func:`merge_models` for the record.
+    ``data`` is an iterable of input batches (labels unused); ``method`` is a name in
+    :data:`mudsc.methods.METHODS`; every other keyword is a :class:`MergeConfig` field
+    (``alpha`` may be ``"auto"``).  Returns the merged model; use :func:`merge_models` for
+    the record.
     """
     known = {f.name for f in fields(MergeConfig)}
     unknown = sorted(set(config) - known)
