@@ -163,7 +163,7 @@ class SweepEngine:
         """Coordinate ascent over solve groups in a seeded random order; keep the best
         sweep.  Returns the best matches and the number of sweeps run."""
         matches = dict(start)
-        best, best_score, stale, sweeps = dict(matches), -math.inf, 0, 0
+        best, sweeps = _Best(dict(matches), limits), 0
         gen = torch.Generator().manual_seed(limits.seed)
         # S(p) depends only on the matches of p's neighbours: recompute it only when one of
         # them changed since it was last computed, and re-solve a group only when one of
@@ -196,13 +196,26 @@ class SweepEngine:
                     if not torch.equal(m.unmerge, matches[sp.name].unmerge):
                         versions[sp.name] = next(self.stamps)
                     matches[sp.name] = m
-            score = sweep_score(matches)
             if self.progress:
                 self.progress("weight sweeps", sweeps, limits.max_sweeps)
-            if score > best_score + limits.tolerance:
-                best, best_score, stale = dict(matches), score, 0
-            else:
-                stale += 1
-                if stale >= limits.patience:
-                    break
-        return best, sweeps
+            if best.stalled(matches):
+                break
+        return best.matches, sweeps
+
+
+class _Best:
+    """The best sweep so far, and whether ``patience`` sweeps in a row failed to beat it
+    by more than ``tolerance``."""
+
+    def __init__(self, matches: dict[str, Match], limits: SweepLimits) -> None:
+        self.matches, self.limits = matches, limits
+        self.score, self.stale = -math.inf, 0
+
+    def stalled(self, matches: Mapping[str, Match]) -> bool:
+        """Record the sweep that ended with ``matches``; True when the search should stop."""
+        score = sweep_score(matches)
+        if score > self.score + self.limits.tolerance:
+            self.matches, self.score, self.stale = dict(matches), score, 0
+            return False
+        self.stale += 1
+        return self.stale >= self.limits.patience
