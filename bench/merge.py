@@ -30,7 +30,7 @@ ARCHS = {
     "resnet20x8": ("resnet20", {"width": 8}),
     "vit": ("vit", {}),
 }
-METHODS = ["avg", "rebasin", "act-align", "zipit", "wzip", "mudsc-align", "mudsc-zip"]
+SRC = str(Path(__file__).resolve().parents[1] / "src")
 # The authors' implementation on a 2-core machine, 1,000 images of 28x28, two ResNet-20s
 # (issue 4): total seconds, and seconds of weight-space matching where they report it.
 AUTHORS_TOTAL = {
@@ -53,8 +53,9 @@ def _sync(device: torch.device) -> None:
 
 def run_one(arch_key: str, method: str, images: int, batch: int, device: str, dtype: str) -> dict:
     """Time one merge stage by stage; returns a JSON-ready row."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    sys.path.insert(0, SRC)
     from mudsc.merge import MergeConfig, merge_models
+    from mudsc.methods import METHODS
     from mudsc.models import create
     from mudsc.repair import resolve_mode
 
@@ -95,9 +96,9 @@ def run_one(arch_key: str, method: str, images: int, batch: int, device: str, dt
         result = merge_models(models, batches, cfg)
     _sync(dev)
     total = time.perf_counter() - start
-    preset = cfg.preset
+    activations = METHODS[method].needs_activations
     mode = resolve_mode("auto", models[0])
-    passes = (2 if preset.activations else 0) + {"bn": 1, "repair": 3, "none": 0}[mode]
+    passes = (2 if activations else 0) + {"bn": 1, "repair": 3, "none": 0}[mode]
     floor = passes * one_model + result.timings.get("assignment", 0.0)
     peak = (
         torch.cuda.max_memory_allocated() / 2**20
@@ -121,7 +122,7 @@ def run_one(arch_key: str, method: str, images: int, batch: int, device: str, dt
         "floor_s": floor,
         "ratio_to_floor": total / floor if floor > 0 else None,
         "stats_over_forward": (
-            result.timings.get("statistics", 0.0) / (2 * one_model) if preset.activations else None
+            result.timings.get("statistics", 0.0) / (2 * one_model) if activations else None
         ),
         "stages": result.timings,
         "sweeps": result.sweeps,
@@ -133,11 +134,16 @@ def run_one(arch_key: str, method: str, images: int, batch: int, device: str, dt
 
 
 def main() -> None:
+    sys.path.insert(0, SRC)
+    from mudsc.methods import method_names
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--archs", default=",".join(ARCHS))
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument(
+        "--methods", default=",".join(method_names()), help="default: every registered method"
+    )
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=250)
     parser.add_argument("--device", default="cpu")

@@ -3,7 +3,9 @@
     PYTHONPATH=src python bench/solvers.py [--out bench/results/solvers.json]
         [--sizes 128 512 1024 2048] [--models 2] [--groups 8] [--repeats 3]
 
-The similarity is the Pearson correlation of synthetic features: every model's units are
+Every registered solver that reads a similarity is timed ungrouped and with ``--groups``
+blocks, at its declared parameters (plus the extra settings in ``VARIANTS``).  The
+similarity is the Pearson correlation of synthetic features: every model's units are
 noisy copies of model 0's units in a random order, as for networks trained alike.  Each
 solver is timed on the whole call (input checks included); the best of ``--repeats`` is
 reported, with the median.
@@ -22,7 +24,10 @@ from pathlib import Path
 
 import torch
 
-from mudsc.solvers import align, group_align, group_zip, zip_match
+from mudsc.solvers import SOLVERS, Solver
+
+VARIANTS = {"zip": [{"zip_a": 1e-4, "zip_b": 0.075}]}
+"""Parameter settings timed besides the declared defaults."""
 
 
 def similarity(total: int, n_models: int, seed: int, device: str) -> torch.Tensor:
@@ -38,6 +43,29 @@ def similarity(total: int, n_models: int, seed: int, device: str) -> torch.Tenso
     x = x - x.mean(dim=1, keepdim=True)
     x = x / x.norm(dim=1, keepdim=True)
     return (x @ x.T).to(device)
+
+
+def cases(sim: torch.Tensor, n_models: int, groups: int) -> dict[str, Callable[[], object]]:
+    """Label -> call, for every registered solver that reads a similarity."""
+    out: dict[str, Callable[[], object]] = {}
+    for name in SOLVERS.names():
+        solver = SOLVERS[name]
+        if not solver.needs_similarity:
+            continue
+        defaults = {p.name: p.default for p in solver.params}
+        for params in [defaults, *VARIANTS.get(name, [])]:
+            label = name + (
+                f"({','.join(f'{k}={v:g}' for k, v in params.items())})" if params else ""
+            )
+            out[label] = _call(solver, sim, n_models, 1, params)
+        out[f"{name}(G={groups})"] = _call(solver, sim, n_models, groups, defaults)
+    return out
+
+
+def _call(
+    solver: Solver, sim: torch.Tensor, n_models: int, groups: int, params: dict[str, float]
+) -> Callable[[], object]:
+    return lambda: solver.solve(sim, n_models, groups=groups, **params)
 
 
 def best_of(run: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -63,14 +91,7 @@ def main() -> None:
     rows = []
     for total in args.sizes:
         sim = similarity(total, args.models, seed=0, device=args.device)
-        solvers = {
-            "align": lambda s=sim: align(s, args.models),
-            "zip(a=0.5,b=1)": lambda s=sim: zip_match(s, args.models, 0.5, 1.0),
-            "zip(a=1e-4,b=0.075)": lambda s=sim: zip_match(s, args.models, 1e-4, 0.075),
-            f"group_align(G={args.groups})": lambda s=sim: group_align(s, args.models, args.groups),
-            f"group_zip(G={args.groups})": lambda s=sim: group_zip(s, args.models, args.groups),
-        }
-        for name, run in solvers.items():
+        for name, run in cases(sim, args.models, args.groups).items():
             run()  # warm-up
             best, median = best_of(run, args.repeats)
             rows.append({"units": total, "solver": name, "best_s": best, "median_s": median})

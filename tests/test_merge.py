@@ -26,13 +26,14 @@ import torch
 from invariance import randomise_
 from torch import Tensor, nn
 
-import mudsc.merge as merge_module
+import mudsc.sweeps as sweeps_module
 from mudsc.errors import MudscError
-from mudsc.merge import METHODS, MergeConfig, MergeResult, merge, merge_models
+from mudsc.merge import MergeConfig, MergeResult, merge, merge_models, solver_params
+from mudsc.methods import METHODS
 from mudsc.models import create, names
 from mudsc.repair import has_batchnorm, reset_batchnorm
 from mudsc.similarity import weight_similarity
-from mudsc.solvers.align import match_from_labels
+from mudsc.solvers.checks import match_from_labels
 from mudsc.solvers.match import Match, identity_match
 from mudsc.spaces import MergeSpec, Space, permute_state, random_permutations, trace
 from mudsc.stats import collect_moments
@@ -346,17 +347,17 @@ def _scripted(monkeypatch, values: Sequence[float], per_sweep: int):
     calls = itertools.count()
     gen = torch.Generator().manual_seed(0)
 
-    def solve(spaces, sims, n_models, cfg):
+    def solve(group, sims, n_models, solver, params):
         k = next(calls) // per_sweep
         value = values[min(k, len(values) - 1)]
         out = []
-        for sp in spaces:
+        for sp in group:
             n = sp.size
             labels = torch.cat([torch.randperm(n, generator=gen) for _ in range(n_models)])
             out.append(match_from_labels(labels, n, n_models, value))
         return out
 
-    monkeypatch.setattr(merge_module, "_solve_unit", solve)
+    monkeypatch.setattr(sweeps_module, "solve_group", solve)
 
 
 def _sweep(method: str = "rebasin", name: str = "mlp", **kw) -> MergeResult:
@@ -403,39 +404,43 @@ def test_sweeps_without_any_gain_end_after_patience(patience: int) -> None:
 
 
 def test_sweep_order_is_seeded_and_new_each_sweep(monkeypatch) -> None:
-    units = len(case("vgg11").spec.mergeable)
+    groups = len(case("vgg11").spec.mergeable)  # no tied spaces: one solve group each
     orders = []
-    real = merge_module._visit_order
+    real = sweeps_module.visit_order
     for seed in (0, 0, 1):
         order: list[list[int]] = []
         monkeypatch.setattr(
-            merge_module,
-            "_visit_order",
+            sweeps_module,
+            "visit_order",
             lambda n, gen, seen=order: seen.append(real(n, gen)) or seen[-1],
         )
-        _scripted(monkeypatch, [0.1 * k for k in range(1, 9)], per_sweep=units)
+        _scripted(monkeypatch, [0.1 * k for k in range(1, 9)], per_sweep=groups)
         _sweep(name="vgg11", seed=seed, max_sweeps=4)
         orders.append(order)
         monkeypatch.undo()
     assert orders[0] == orders[1]
     assert orders[0] != orders[2]
     assert len(orders[0]) == 4 and len({tuple(o) for o in orders[0]}) > 1
-    assert all(sorted(o) == list(range(units)) for o in orders[0])  # every unit once a sweep
+    assert all(sorted(o) == list(range(groups)) for o in orders[0])  # every group once a sweep
 
 
 def _plain_sweeps(models, spec: MergeSpec, cfg: MergeConfig) -> dict[str, Match]:
     """ALGORITHM.md section 5's weight sweeps written plainly: every similarity from
-    scratch, every unit solved at every visit (weight-only methods, no tied spaces)."""
+    scratch, every space solved at every visit (weight-only methods, no tied spaces)."""
+    method = METHODS[cfg.method]
+    kind = method.similarity_record.weights
+    solver, params = method.solver_record, solver_params(method, cfg)
     states = [m.state_dict() for m in models]
     spaces = list(spec.mergeable)
     matches = {s.name: identity_match(s.size, 2) for s in spaces}
     best, best_score, stale = dict(matches), -math.inf, 0
     gen = torch.Generator().manual_seed(cfg.seed)
     for _ in range(cfg.max_sweeps):
-        for u in merge_module._visit_order(len(spaces), gen):
-            s = weight_similarity(spec, spaces[u].name, states, matches, cfg.preset.weight_kind)
-            matches[spaces[u].name] = merge_module._solve_unit([spaces[u]], [s], 2, cfg)[0]
-        score = merge_module._sweep_score(matches)
+        for u in sweeps_module.visit_order(len(spaces), gen):
+            s = weight_similarity(spec, spaces[u].name, states, matches, kind)
+            group = (spaces[u],)
+            matches[spaces[u].name] = sweeps_module.solve_group(group, [s], 2, solver, params)[0]
+        score = sweeps_module.sweep_score(matches)
         if score > best_score + cfg.tolerance:
             best, best_score, stale = dict(matches), score, 0
         else:
@@ -448,16 +453,16 @@ def _plain_sweeps(models, spec: MergeSpec, cfg: MergeConfig) -> dict[str, Match]
 @pytest.mark.parametrize("method", ["wzip", "rebasin"])
 def test_reused_similarities_and_skipped_solves_change_nothing(monkeypatch, method) -> None:
     """The engine recomputes a tensor's share of a similarity only when a neighbour's
-    match changed and re-solves a unit only when its similarity changed; the plain loop
+    match changed and re-solves a solve group only when its similarity changed; the plain loop
     recomputes and re-solves everything.  Both must give the same matches."""
     c = case("vgg11")
     models = [c.model, case("vgg11", 2).model]
     cfg = MergeConfig(method, repair="none", patience=3)
     expected = _plain_sweeps(models, c.spec, cfg)
     solves = []
-    real = merge_module._solve_unit
+    real = sweeps_module.solve_group
     monkeypatch.setattr(
-        merge_module, "_solve_unit", lambda *a: solves.append(a[0][0].name) or real(*a)
+        sweeps_module, "solve_group", lambda *a: solves.append(a[0][0].name) or real(*a)
     )
     result = merge_models(models, c.batches, cfg, spec=c.spec)
     assert len(solves) < result.sweeps * len(c.spec.mergeable)  # some solves were skipped
@@ -495,6 +500,19 @@ def test_alpha_auto_scores_every_alpha_on_held_out_data() -> None:
         cos = [nn.functional.cosine_similarity(out, m(batches[-1]), dim=1) for m in models]
     assert result.alpha_scores[result.alpha] == pytest.approx(float(torch.cat(cos).mean()))
     assert result.card()["alpha_scores"] == {str(a): s for a, s in result.alpha_scores.items()}
+
+
+def test_timings_name_every_stage_that_ran() -> None:
+    """bench/merge.py and the merge card read these keys."""
+    c = case("mlp")
+    cfg = fast("mudsc-zip", alpha="auto", alpha_grid=GRID, max_sweeps=2)
+    result = merge_models(_auto_models(), c.batches, cfg, spec=c.spec)
+    stages = {"trace", "statistics", "solve", "sweeps", "apply", "repair", "alpha search"}
+    assert set(result.timings) == stages | {"assignment"}
+    assert all(t >= 0 for t in result.timings.values())
+    avg = merge_models(_auto_models(), c.batches, fast("avg"), spec=c.spec)
+    assert set(avg.timings) == {"trace", "solve", "apply", "repair", "assignment"}
+    assert avg.timings["assignment"] == 0.0
 
 
 def test_alpha_auto_with_a_user_score() -> None:

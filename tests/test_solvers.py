@@ -11,6 +11,7 @@ import torch
 
 from mudsc.errors import MudscError
 from mudsc.solvers import (
+    SOLVERS,
     Match,
     align,
     block_scores,
@@ -465,34 +466,40 @@ def test_identity():
 
 # ----------------------------------------------------------------------------- user errors
 
-SOLVERS = {
+CALLS = {
     "align": lambda s, n: align(s, n),
     "zip": lambda s, n: zip_match(s, n),
     "group_align": lambda s, n: group_align(s, n, 2),
     "group_zip": lambda s, n: group_zip(s, n, 2),
     "block_scores": lambda s, n: block_scores(s, n, 2),
+    # every registered solver, through the one protocol, ungrouped and grouped
+    **{f"registered {name}": lambda s, n, name=name: SOLVERS[name].solve(s, n) for name in SOLVERS},
+    **{
+        f"registered {name} G=2": lambda s, n, name=name: SOLVERS[name].solve(s, n, groups=2)
+        for name in SOLVERS
+    },
 }
 
 
-@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("name", sorted(CALLS))
 def test_nan_and_inf_are_user_errors(name):
     for bad in (float("nan"), float("inf")):
         sim = random_similarity(2, 4, 0)
         sim[1, 6] = bad
         with pytest.raises(MudscError, match="NaN or infinite"):
-            SOLVERS[name](sim, 2)
+            CALLS[name](sim, 2)
 
 
-@pytest.mark.parametrize("name", sorted(SOLVERS))
+@pytest.mark.parametrize("name", sorted(CALLS))
 def test_bad_shapes_are_user_errors(name):
     with pytest.raises(MudscError, match="square"):
-        SOLVERS[name](torch.zeros(8, 6), 2)
+        CALLS[name](torch.zeros(8, 6), 2)
     with pytest.raises(MudscError, match="models times"):
-        SOLVERS[name](torch.zeros(9, 9), 2)
+        CALLS[name](torch.zeros(9, 9), 2)
     with pytest.raises(MudscError, match="n_models"):
-        SOLVERS[name](torch.zeros(8, 8), 0)
+        CALLS[name](torch.zeros(8, 8), 0)
     with pytest.raises(MudscError, match="floating-point"):
-        SOLVERS[name](torch.zeros(8, 8, dtype=torch.long), 2)
+        CALLS[name](torch.zeros(8, 8, dtype=torch.long), 2)
 
 
 def test_bad_parameters_are_user_errors():

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mudsc.errors import MudscError
+from mudsc.modes import eval_mode
 from mudsc.spaces.spec import MergeSpec, Space, Tap
 
 logger = logging.getLogger(__name__)
@@ -365,31 +366,11 @@ def collect_moments(
     n_models = len(models)
     accs = {s.name: _Accumulator(n_models * s.size, n_models, dev, dtype) for s in chosen}
     recorder = _Recorder(n_models, accs)
-    modes = [[(m, m.training) for m in model.modules()] for model in models]
     n_batches = 0
     with ExitStack() as stack:
         for i, model in enumerate(models):
-            for space in chosen:
-                for k, tap in enumerate(space.taps):
-                    where = f"space {space.name!r}, tap {k} ({tap.module!r})"
-                    try:
-                        module = model.get_submodule(tap.module)
-                    except AttributeError as exc:
-                        raise MudscError(f"{where}: model {i} has no such module") from exc
-                    proj = None
-                    if tap.project_weight is not None or tap.project_bias is not None:
-                        proj = _projection(model, tap, space.size, where)
-                    hook = _hook(recorder, i, space, k, tap, proj)
-                    handle = (
-                        module.register_forward_pre_hook(hook)
-                        if tap.side == "input"
-                        else module.register_forward_hook(hook)
-                    )
-                    stack.callback(handle.remove)
-        for model_modes in modes:
-            stack.callback(_restore_modes, model_modes)
-        for model in models:
-            model.eval()
+            _attach(stack, recorder, i, model, chosen)
+        stack.enter_context(eval_mode(*models))
         with torch.no_grad():
             for batch in batches:
                 for model in models:
@@ -400,23 +381,44 @@ def collect_moments(
         raise MudscError(
             "no calibration data: the batches iterable is empty; pass at least one batch"
         )
-    result = {}
-    for name, acc in accs.items():
-        if acc.count == 0:
-            raise MudscError(
-                f"space {name!r}: none of its taps fired during the forward passes; check "
-                "the taps' module paths"
-            )
-        if not (torch.isfinite(acc.sum).all() and torch.isfinite(acc.sum_outer).all()):
-            raise MudscError(
-                f"space {name!r}: its activations are not finite (NaN or inf) on the "
-                "calibration data; check the models' weights and the inputs"
-            )
-        result[name] = acc.moments()
+    result = {name: _finished(name, acc) for name, acc in accs.items()}
     logger.debug("collected moments of %d spaces over %d batches", len(result), n_batches)
     return result
 
 
-def _restore_modes(modes: Sequence[tuple[nn.Module, bool]]) -> None:
-    for module, training in modes:
-        module.training = training
+def _attach(
+    stack: ExitStack, recorder: _Recorder, i: int, model: nn.Module, spaces: Sequence[Space]
+) -> None:
+    """Hook every tap of ``spaces`` in model ``i``; ``stack`` removes the hooks."""
+    for space in spaces:
+        for k, tap in enumerate(space.taps):
+            where = f"space {space.name!r}, tap {k} ({tap.module!r})"
+            try:
+                module = model.get_submodule(tap.module)
+            except AttributeError as exc:
+                raise MudscError(f"{where}: model {i} has no such module") from exc
+            proj = None
+            if tap.project_weight is not None or tap.project_bias is not None:
+                proj = _projection(model, tap, space.size, where)
+            hook = _hook(recorder, i, space, k, tap, proj)
+            handle = (
+                module.register_forward_pre_hook(hook)
+                if tap.side == "input"
+                else module.register_forward_hook(hook)
+            )
+            stack.callback(handle.remove)
+
+
+def _finished(name: str, acc: _Accumulator) -> SpaceMoments:
+    """The moments of one space, refused when no tap fired or a value is not finite."""
+    if acc.count == 0:
+        raise MudscError(
+            f"space {name!r}: none of its taps fired during the forward passes; check "
+            "the taps' module paths"
+        )
+    if not (torch.isfinite(acc.sum).all() and torch.isfinite(acc.sum_outer).all()):
+        raise MudscError(
+            f"space {name!r}: its activations are not finite (NaN or inf) on the "
+            "calibration data; check the models' weights and the inputs"
+        )
+    return acc.moments()

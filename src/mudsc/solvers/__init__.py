@@ -1,14 +1,17 @@
 """Solvers: from a similarity matrix over the stacked units of N models to a ``Match``.
 
 Every solver is a pure function of its inputs (never modifies them) and returns merge and
-unmerge matrices of shape (N*n, n) in float64 on the similarity's device.
+unmerge matrices of shape (N*n, n) in float64 on the similarity's device.  The pipeline
+finds them by name in :data:`SOLVERS` (see README.md to add one).
 """
 
 from __future__ import annotations
 
 from mudsc.solvers.align import align
+from mudsc.solvers.catalogue import SOLVERS, Solver
 from mudsc.solvers.groups import block_scores, group_align, group_zip, pair_blocks
 from mudsc.solvers.match import Match, identity_match, match_from_unmerge
+from mudsc.solvers.registry import Param, Registry
 from mudsc.solvers.zip import zip_match
 
 
@@ -18,7 +21,11 @@ def identity(n: int, n_models: int) -> Match:
 
 
 __all__ = [
+    "SOLVERS",
     "Match",
+    "Param",
+    "Registry",
+    "Solver",
     "align",
     "block_scores",
     "group_align",

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from mudsc.errors import MudscError
-from mudsc.solvers.align import (
+from mudsc.solvers.checks import (
     assign,
     check_groups,
     check_similarity,

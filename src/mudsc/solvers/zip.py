@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from mudsc.errors import MudscError
-from mudsc.solvers.align import check_similarity, match_from_labels
+from mudsc.solvers.checks import check_similarity, match_from_labels
 from mudsc.solvers.match import Match
 
 log = logging.getLogger(__name__)

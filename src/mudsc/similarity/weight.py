@@ -1,9 +1,9 @@
-"""Similarity matrices over the stacked units of all models (ALGORITHM.md section 3).
+"""Weight similarity: how alike the units' weight vectors are (ALGORITHM.md section 3).
 
-Every function returns an (N*n) x (N*n) float64 matrix, model 0's units first.  The
-weight similarity re-expresses neighbour axes with ``mudsc.apply.transform_tensor``, the
-transform the final merge uses, so weights are compared in the basis they will be merged
-in (Git Re-Basin's trick with the final-merge rule, for alignment and zip alike).
+Returns an (N*n) x (N*n) float64 matrix, model 0's units first.  It re-expresses
+neighbour axes with ``mudsc.apply.transform_tensor``, the transform the final merge uses,
+so weights are compared in the basis they will be merged in (Git Re-Basin's trick with
+the final-merge rule, for alignment and zip alike).
 """
 
 from __future__ import annotations
@@ -19,14 +19,9 @@ from mudsc.apply import check_matches, transform_tensor
 from mudsc.errors import MudscError
 from mudsc.solvers.match import Match
 from mudsc.spaces.spec import Member, MergeSpec, Space
-from mudsc.stats import SpaceMoments, model_gram, pearson
+from mudsc.stats import model_gram, pearson
 
 WeightKind = Literal["correlation", "inner"]
-
-
-def activation_similarity(moments: SpaceMoments, eps: float = 1e-7) -> Tensor:
-    """Pearson correlation of the stacked features; dead units are 0, never NaN."""
-    return moments.correlation(eps)
 
 
 def _members_by_tensor(space: Space) -> dict[str, list[Member]]:
@@ -138,6 +133,9 @@ class WeightSimilarity:
         return model_gram(x.T, len(self.states)).to(torch.float64)
 
     def _combine(self, parts: Sequence[_Part]) -> Tensor:
+        # Chan's formula for k parts at once about the common mean, not k - 1 pairwise
+        # ``mudsc.moments.combine`` steps: those round differently in the last bits, which
+        # is enough to move a zip's pick between near-equal pairs (merges must not change).
         gram = parts[0].gram.clone()
         for p in parts[1:]:
             gram += p.gram
@@ -160,16 +158,3 @@ def weight_similarity(
 ) -> Tensor:
     """S_w of one space (see ``WeightSimilarity``), computed from scratch."""
     return WeightSimilarity(spec, states, kind)(space_name, matches)
-
-
-def dual_similarity(s_weight: Tensor, s_act: Tensor, alpha: float) -> Tensor:
-    """MuDSC's dual-space similarity alpha * S_w + (1 - alpha) * S_act (float64)."""
-    if not 0.0 <= float(alpha) <= 1.0:
-        raise MudscError(f"alpha (the weight-space share) must be in [0, 1], got {alpha}")
-    if s_weight.shape != s_act.shape:
-        raise MudscError(
-            f"weight and activation similarities differ in shape: {tuple(s_weight.shape)} "
-            f"vs {tuple(s_act.shape)}"
-        )
-    s_act = s_act.to(device=s_weight.device, dtype=torch.float64)
-    return alpha * s_weight.to(torch.float64) + (1.0 - alpha) * s_act

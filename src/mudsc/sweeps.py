@@ -1,0 +1,221 @@
+"""The matching engine: the initial solution and the weight sweeps (ALGORITHM.md section 5).
+
+Spaces are solved in *solve groups*: a space alone, or the spaces tied in block order (an
+attention layer's q/k and v), which share one block pairing.  The weight sweeps are
+coordinate ascent over the solve groups in a seeded random order, keeping the best sweep.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mudsc.progress import Progress
+from mudsc.similarity import Similarity, WeightKind, WeightSimilarity
+from mudsc.solvers import Solver, block_scores, pair_blocks
+from mudsc.solvers.match import Match, identity_match
+from mudsc.spaces import MergeSpec, Space
+from mudsc.timing import StageTimer
+
+SolveGroup = tuple[Space, ...]
+"""Spaces solved together: one space, or the spaces tied in block order."""
+
+
+@dataclass(frozen=True)
+class SweepLimits:
+    """When the weight sweeps stop, and the seed of their visiting order."""
+
+    max_sweeps: int
+    patience: int
+    tolerance: float
+    seed: int
+
+
+def solve_groups(spec: MergeSpec) -> list[SolveGroup]:
+    """The mergeable spaces as solve groups: tied spaces together, others alone."""
+    ties = spec.tie_groups()
+    seen: set[str] = set()
+    groups = []
+    for space in spec.mergeable:
+        if space.name in seen:
+            continue
+        names = ties.get(space.block_tie, (space.name,)) if space.block_tie else (space.name,)
+        groups.append(tuple(spec.space(n) for n in names))
+        seen.update(names)
+    return groups
+
+
+def solve_group(
+    group: SolveGroup,
+    sims: Sequence[Tensor],
+    n_models: int,
+    solver: Solver,
+    params: Mapping[str, float],
+) -> list[Match]:
+    """Solve one space, or a block-tied set of spaces with one shared block order."""
+    order = None
+    if len(group) > 1 and solver.needs_similarity:
+        scores = sum(
+            block_scores(s, n_models, sp.groups) for sp, s in zip(group, sims, strict=True)
+        )
+        order = pair_blocks(scores)
+    return [
+        solver.solve(s, n_models, groups=sp.groups, block_order=order, **params)
+        for sp, s in zip(group, sims, strict=True)
+    ]
+
+
+def neighbours(spec: MergeSpec) -> dict[str, tuple[str, ...]]:
+    """For each space, the other spaces on the axes of its member tensors: the matches its
+    weight similarity depends on."""
+    on_tensor: dict[str, set[str]] = {}
+    for space in spec.mergeable:
+        for _, member in space.members():
+            on_tensor.setdefault(member.tensor, set()).add(space.name)
+    result = {}
+    for space in spec.mergeable:
+        near: set[str] = set()
+        for _, member in space.members():
+            near |= on_tensor[member.tensor]
+        near.discard(space.name)
+        result[space.name] = tuple(sorted(near))
+    return result
+
+
+def visit_order(n_groups: int, gen: torch.Generator) -> list[int]:
+    """One sweep's order of solve groups: a fresh permutation from the seeded generator."""
+    return torch.randperm(n_groups, generator=gen).tolist()
+
+
+def sweep_score(matches: Mapping[str, Match]) -> float:
+    """What a sweep maximises: the mean value of every space's match."""
+    return sum(m.value for m in matches.values()) / max(len(matches), 1)
+
+
+class SweepEngine:
+    """One matching problem: the sources' weights, the spec, the similarity and solver of
+    the method, and the activation similarities (when the similarity uses them).  A
+    method without a similarity (weight averaging) keeps the identity matches."""
+
+    def __init__(
+        self,
+        spec: MergeSpec,
+        states: Sequence[Mapping[str, Tensor]],
+        similarity: Similarity | None,
+        solver: Solver,
+        params: Mapping[str, float],
+        s_act: Mapping[str, Tensor],
+        timer: StageTimer,
+        progress: Progress | None = None,
+    ) -> None:
+        self.spec, self.states, self.s_act = spec, states, s_act
+        self.similarity, self.solver, self.params = similarity, solver, dict(params)
+        self.timer, self.progress = timer, progress
+        self.n = len(states)
+        self.groups = solve_groups(spec)
+        self.neighbours = neighbours(spec)
+        self.weight_sims: dict[WeightKind, WeightSimilarity] = {}
+        self.stamps = itertools.count()
+
+    def _solve(self, group: SolveGroup, sims: Sequence[Tensor]) -> list[Match]:
+        with self.timer.stage("assignment"):
+            return solve_group(group, sims, self.n, self.solver, self.params)
+
+    def _weights(self, kind: WeightKind) -> WeightSimilarity:
+        if kind not in self.weight_sims:
+            self.weight_sims[kind] = WeightSimilarity(self.spec, self.states, kind)
+        return self.weight_sims[kind]
+
+    def space_similarity(
+        self,
+        space: Space,
+        matches: Mapping[str, Match],
+        alpha: float,
+        versions: Mapping[str, int] | None = None,
+    ) -> Tensor:
+        """The method's similarity of one space under the current matches."""
+
+        def weight(kind: WeightKind) -> Tensor:
+            return self._weights(kind)(space.name, matches, versions)
+
+        assert self.similarity is not None, "a method without a similarity is never swept"
+        return self.similarity.compute(self.s_act.get(space.name), weight, alpha)
+
+    def initial(self) -> dict[str, Match]:
+        """Activation solution where activations are used, identity otherwise."""
+        matches = {s.name: identity_match(s.size, self.n) for s in self.spec.mergeable}
+        if self.similarity is None or not self.similarity.activations:
+            return matches
+        for group in self.groups:
+            sims = [self.space_similarity(sp, matches, 0.0) for sp in group]
+            for sp, m in zip(group, self._solve(group, sims), strict=True):
+                matches[sp.name] = m
+        return matches
+
+    def sweep(
+        self, start: Mapping[str, Match], alpha: float, limits: SweepLimits
+    ) -> tuple[dict[str, Match], int]:
+        """Coordinate ascent over solve groups in a seeded random order; keep the best
+        sweep.  Returns the best matches and the number of sweeps run."""
+        matches = dict(start)
+        best, sweeps = _Best(dict(matches), limits), 0
+        gen = torch.Generator().manual_seed(limits.seed)
+        # S(p) depends only on the matches of p's neighbours: recompute it only when one of
+        # them changed since it was last computed, and re-solve a group only when one of
+        # its similarities changed (exact; near convergence most of both are reused).
+        # Version stamps are unique across calls, so caches kept by the engine never go
+        # stale.
+        versions = {name: next(self.stamps) for name in matches}
+        cached: dict[str, tuple[tuple[int, ...], Tensor]] = {}
+        solved: dict[int, tuple[tuple[int, ...], ...]] = {}  # group -> keys it was solved for
+
+        def similarity(space: Space) -> tuple[tuple[int, ...], Tensor]:
+            key = tuple(versions[q] for q in self.neighbours[space.name])
+            hit = cached.get(space.name)
+            if hit is None or hit[0] != key:
+                hit = (key, self.space_similarity(space, matches, alpha, versions))
+                cached[space.name] = hit
+            return hit
+
+        for sweep in range(limits.max_sweeps):
+            sweeps = sweep + 1
+            for g in visit_order(len(self.groups), gen):
+                group = self.groups[g]
+                keyed = [similarity(sp) for sp in group]
+                key = tuple(k for k, _ in keyed)
+                if solved.get(g) == key:
+                    continue  # same similarities, same (deterministic) solution
+                result = self._solve(group, [s for _, s in keyed])
+                solved[g] = key
+                for sp, m in zip(group, result, strict=True):
+                    if not torch.equal(m.unmerge, matches[sp.name].unmerge):
+                        versions[sp.name] = next(self.stamps)
+                    matches[sp.name] = m
+            if self.progress:
+                self.progress("weight sweeps", sweeps, limits.max_sweeps)
+            if best.stalled(matches):
+                break
+        return best.matches, sweeps
+
+
+class _Best:
+    """The best sweep so far, and whether ``patience`` sweeps in a row failed to beat it
+    by more than ``tolerance``."""
+
+    def __init__(self, matches: dict[str, Match], limits: SweepLimits) -> None:
+        self.matches, self.limits = matches, limits
+        self.score, self.stale = -math.inf, 0
+
+    def stalled(self, matches: Mapping[str, Match]) -> bool:
+        """Record the sweep that ended with ``matches``; True when the search should stop."""
+        score = sweep_score(matches)
+        if score > self.score + self.limits.tolerance:
+            self.matches, self.score, self.stale = dict(matches), score, 0
+            return False
+        self.stale += 1
+        return self.stale >= self.limits.patience
