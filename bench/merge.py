@@ -57,7 +57,7 @@ def run_one(arch_key: str, method: str, images: int, batch: int, device: str, dt
     from mudsc.merge import MergeConfig, merge_models
     from mudsc.methods import METHODS
     from mudsc.models import create
-    from mudsc.repair import resolve_mode
+    from mudsc.renorm import resolve_mode
 
     dev = torch.device(device)
     arch, args = ARCHS[arch_key]

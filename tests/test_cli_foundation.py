@@ -16,7 +16,7 @@ from typer.testing import CliRunner, Result
 from mudsc.checkpoint import CONFIG_FILE, HEAD_FILE, MODEL_FILE, load_checkpoint
 from mudsc.cli import app
 from mudsc.cli.options import config_options
-from mudsc.merge import METHODS
+from mudsc.methods import METHODS
 from mudsc.models import names
 from mudsc.train import TrainConfig
 
@@ -163,7 +163,7 @@ def test_version_needs_no_command() -> None:
 def wide_help(command: str) -> str:
     """``mudsc COMMAND --help`` on a terminal wide enough that no help text wraps."""
     env = {"COLUMNS": "400", "TERMINAL_WIDTH": "400"}
-    return CliRunner().invoke(app, [command, "--help"], env=env).stdout
+    return CliRunner().invoke(app, [command, "--help"], env=env).stdout.replace("│", " ")
 
 
 def test_train_options_are_the_train_config_fields() -> None:
@@ -177,8 +177,8 @@ def test_train_options_are_the_train_config_fields() -> None:
 
 def test_merge_method_help_lists_the_registry() -> None:
     text = flat(wide_help("merge"))
-    for name, preset in METHODS.items():
-        assert flat(f"{name}: {preset.description}") in text
+    for name, method in METHODS.items():
+        assert flat(f"{name}: {method.description} ({method.reference})") in text
 
 
 def test_config_options_pass_the_fields_as_one_dict() -> None:

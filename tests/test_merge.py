@@ -28,10 +28,11 @@ from torch import Tensor, nn
 
 import mudsc.sweeps as sweeps_module
 from mudsc.errors import MudscError
+from mudsc.layers import has_batchnorm
 from mudsc.merge import MergeConfig, MergeResult, merge, merge_models, solver_params
 from mudsc.methods import METHODS
 from mudsc.models import create, names
-from mudsc.repair import has_batchnorm, reset_batchnorm
+from mudsc.renorm import reset_batchnorm
 from mudsc.similarity import weight_similarity
 from mudsc.solvers.checks import match_from_labels
 from mudsc.solvers.match import Match, identity_match

@@ -21,7 +21,8 @@ from mudsc.checkpoint import save_checkpoint
 from mudsc.cli import app
 from mudsc.data import calibration_batches, load_dataset
 from mudsc.errors import MudscError
-from mudsc.merge import METHODS, MergeConfig, merge_models
+from mudsc.merge import MergeConfig, merge_models
+from mudsc.methods import METHODS
 from mudsc.models import create
 from mudsc.models.head import ClassEmbeddingHead
 from mudsc.plots.diagnose import (

@@ -14,7 +14,8 @@ import torch
 
 from mudsc.data import calibration_batches, load_dataset, split_classes
 from mudsc.evaluate import embed, evaluate_embeddings
-from mudsc.merge import METHODS, MergeConfig, merge_models
+from mudsc.merge import MergeConfig, merge_models
+from mudsc.methods import METHODS
 from mudsc.models.head import ClassEmbeddingHead
 from mudsc.progress import Progress, quiet
 from mudsc.train import TrainConfig, train

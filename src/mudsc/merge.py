@@ -19,7 +19,7 @@ from mudsc import __version__
 from mudsc.errors import MudscError
 from mudsc.methods import METHODS, Method
 from mudsc.progress import Progress
-from mudsc.repair import REPAIR_MODES
+from mudsc.renorm import REPAIR_MODES
 from mudsc.similarity import ALPHA, Similarity
 from mudsc.solvers.catalogue import ZIP_A, ZIP_B
 from mudsc.solvers.match import Match
@@ -233,8 +233,7 @@ def merge_models(
     )  # fmt: skip
     with timer.stage("solve"):
         start = engine.initial()
-    run = _Candidates(cfg, sources, states, traced, fit, held, inputs.example, engine, start,
-                      timer, score_fn)  # fmt: skip
+    run = _Candidates(cfg, sources, states, traced, fit, held, engine, start, timer, score_fn)
     alphas = alpha_candidates(method.similarity_record, cfg)
     best, scores = alpha_search(alphas, run.build, run.score, timer, progress)
     timer.seconds.setdefault("assignment", 0.0)
@@ -262,7 +261,6 @@ class _Candidates:
     traced: Traced
     fit: Sequence[Tensor]
     held: Sequence[Tensor]
-    example: Tensor
     engine: SweepEngine
     start: dict[str, Match]
     timer: StageTimer
@@ -277,9 +275,7 @@ class _Candidates:
                 limits = SweepLimits(cfg.max_sweeps, cfg.patience, cfg.tolerance, cfg.seed)
                 matches, sweeps = self.engine.sweep(self.start, alpha, limits)
         with timer.stage("apply"):
-            merged = apply_stage(
-                self.sources, self.states, self.traced, matches, cfg.stop_at, self.example
-            )
+            merged = apply_stage(self.sources, self.states, self.traced, matches, cfg.stop_at)
         with timer.stage("repair"):
             repair_stage(merged, self.sources, self.traced, matches, self.fit, cfg.repair,
                          cfg.device)  # fmt: skip

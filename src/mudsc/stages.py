@@ -22,13 +22,14 @@ from torch import Tensor, nn
 
 from mudsc.apply import apply_matches
 from mudsc.errors import MudscError
+from mudsc.layers import prefers_channels_last
 from mudsc.modes import eval_mode
 from mudsc.partial import PartialMerge, build_partial, resolve_stop, trunk_spaces
 from mudsc.progress import Progress, tracked
-from mudsc.repair import repair, reset_batchnorm, resolve_mode
+from mudsc.renorm import apply_repair, reset_batchnorm, resolve_mode
 from mudsc.similarity import activation_similarity
 from mudsc.solvers.match import Match
-from mudsc.spaces import MergeSpec, trace
+from mudsc.spaces import MergeSpec, TracedModel, trace_model
 from mudsc.stats import SpaceMoments, collect_moments
 from mudsc.timing import StageTimer
 
@@ -147,23 +148,28 @@ def _on(model: nn.Module, device: torch.device) -> bool:
 @dataclass(frozen=True)
 class Traced:
     """``spec``: the spaces to merge (past ``stop_at`` they are fixed); ``full``: the spec as
-    traced; ``partial``: whether the merge stops inside the model."""
+    traced or given; ``graph``: the trace result that a partial merge cuts (None when a given
+    spec needs no graph); ``partial``: whether the merge stops inside the model."""
 
     spec: MergeSpec
     full: MergeSpec
+    graph: TracedModel | None
     partial: bool
 
 
 def trace_stage(
     model: nn.Module, spec: MergeSpec | None, example: Tensor, stop_at: StopAt
 ) -> Traced:
-    """Trace (unless a spec is given), check the spec against the model, cut at
-    ``stop_at``."""
-    full = trace(model, example) if spec is None else spec
+    """Trace (unless a spec is given and no cut is asked for), check the spec against the
+    model, cut at ``stop_at``.  The model is traced at most once."""
+    graph = None
+    if spec is None or stop_at is not None:
+        graph = trace_model(model, example, verify=spec is None)
+    full = graph.spec if spec is None else spec
     full.validate(model)
     merged = full
     if stop_at is not None:
-        trunk = set(trunk_spaces(full, resolve_stop(model, full, stop_at)))
+        trunk = set(trunk_spaces(full, resolve_stop(graph, stop_at, full)))
         merged = replace(
             full,
             spaces=tuple(
@@ -172,7 +178,7 @@ def trace_stage(
         )
     for w in merged.warnings:
         log.warning("spec: %s", w)
-    return Traced(merged, full, stop_at is not None)
+    return Traced(merged, full, graph, stop_at is not None)
 
 
 # --- layout ----------------------------------------------------------------------------
@@ -181,9 +187,9 @@ def trace_stage(
 def layout_stage(
     models: Sequence[nn.Module], batches: Sequence[Tensor]
 ) -> tuple[list[nn.Module], list[Tensor]]:
-    """Convolutional sources run channels-last (copies): oneDNN convolutions run markedly
-    faster on NHWC (measured 1.7x for ResNet-20 x8)."""
-    if not any(isinstance(m, nn.Conv2d) for m in models[0].modules()):
+    """Sources whose layer types prefer it run channels-last (copies): oneDNN 2-D
+    convolutions run markedly faster on NHWC (measured 1.7x for ResNet-20 x8)."""
+    if not prefers_channels_last(models[0]):
         return list(models), list(batches)
     models = [copy.deepcopy(m).to(memory_format=torch.channels_last) for m in models]
     batches = [b.contiguous(memory_format=torch.channels_last) if b.dim() == 4 else b
@@ -243,12 +249,12 @@ def apply_stage(
     traced: Traced,
     matches: Mapping[str, Match],
     stop_at: StopAt,
-    example: Tensor,
 ) -> nn.Module:
     """The merged model (in eval mode): the sources' class with merged weights, or trunk +
     heads for a partial merge."""
     if traced.partial:
-        merged = build_partial(models, traced.full, matches, stop_at, example)
+        assert traced.graph is not None
+        merged = build_partial(models, traced.graph, matches, stop_at, traced.full)
     else:
         merged = copy.deepcopy(models[0])
         merged.load_state_dict(apply_matches(traced.spec, states, matches))
@@ -272,7 +278,7 @@ def repair_stage(
     if mode == "bn":
         reset_batchnorm(merged, batches, device)
     elif mode == "repair":
-        repair(merged, models, traced.spec, matches, batches, device)
+        apply_repair(merged, models, traced.spec, matches, batches, device)
 
 
 # --- alpha search --------------------------------------------------------------------------

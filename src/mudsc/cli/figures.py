@@ -21,7 +21,7 @@ from rich.table import Table
 
 from mudsc.cli.common import console, friendly, progress_bars, resolve_device
 from mudsc.errors import MudscError
-from mudsc.merge import METHODS
+from mudsc.methods import METHODS
 
 # The methods the figures compare unless told otherwise (the first one sets the frame).
 DEFAULT_METHODS = ("zipit", "wzip", "mudsc-zip")

@@ -16,12 +16,14 @@ import typer
 from mudsc.cli.common import console, friendly, progress_bars, resolve_device
 from mudsc.cli.options import config_options
 from mudsc.errors import MudscError
-from mudsc.merge import METHODS, MergeConfig
+from mudsc.merge import MergeConfig
+from mudsc.methods import METHODS
 
 
 def method_help() -> str:
-    """``--method`` help: every registered method with its description."""
-    return "; ".join(f"{name}: {preset.description}" for name, preset in METHODS.items()) + "."
+    """``--method`` help, generated from the registry: every method with its description
+    and reference."""
+    return "; ".join(f"{name}: {m.description} ({m.reference})" for name, m in METHODS.items())
 
 
 def _calibration(
@@ -112,7 +114,7 @@ def merge_command(
     tasks = [t for ck in loaded for t in ck.tasks]
     dataset = load_dataset(name, data_dir)
     classes = sorted({c for t in tasks for c in t}) or list(range(dataset.num_classes))
-    auto = config.preset.dual and config.alpha == "auto"
+    auto = METHODS[config.method].uses_alpha and config.alpha == "auto"
     batches, held = _calibration(dataset, classes, calibration_size, batch_size, config.seed,
                                  config.holdout if auto else None)  # fmt: skip
     head = loaded[0].head

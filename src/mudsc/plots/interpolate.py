@@ -37,12 +37,13 @@ from mudsc.apply import transform_state
 from mudsc.data import ImageDataset
 from mudsc.errors import MudscError
 from mudsc.evaluate import embed
-from mudsc.merge import METHODS, MergeConfig, MergeResult, merge_models
+from mudsc.merge import MergeConfig, MergeResult, merge_models
+from mudsc.methods import METHODS
 from mudsc.models.head import ClassEmbeddingHead
 from mudsc.modes import eval_mode
 from mudsc.plots.style import new_figure, variant_style
 from mudsc.progress import Progress, counted
-from mudsc.repair import repair, reset_batchnorm, resolve_mode
+from mudsc.renorm import apply_repair, reset_batchnorm, resolve_mode
 from mudsc.solvers.match import Match
 from mudsc.spaces import MergeSpec
 
@@ -168,7 +169,7 @@ class Renormaliser:
             if self.spec is None or not self.sources:
                 raise MudscError("REPAIR needs the source models, the spec and the matches")
             matches = self.matches if weights is None else weighted_matches(self.matches, weights)
-            repair(model, self.sources, self.spec, matches, list(self.batches), self.device)
+            apply_repair(model, self.sources, self.spec, matches, list(self.batches), self.device)
         model.eval()
 
 

@@ -16,9 +16,9 @@ from typing import Protocol
 
 from torch import Tensor
 
+from mudsc.registry import Param, Registry
 from mudsc.similarity.dual import dual_similarity
 from mudsc.similarity.weight import WeightKind
-from mudsc.solvers.registry import Param, Registry
 
 WeightOf = Callable[[WeightKind], Tensor]
 """The weight similarity of one space under the current matches, of the given kind."""

@@ -7,11 +7,11 @@ finds them by name in :data:`SOLVERS` (see README.md to add one).
 
 from __future__ import annotations
 
+from mudsc.registry import Param, Registry
 from mudsc.solvers.align import align
 from mudsc.solvers.catalogue import SOLVERS, Solver
 from mudsc.solvers.groups import block_scores, group_align, group_zip, pair_blocks
 from mudsc.solvers.match import Match, identity_match, match_from_unmerge
-from mudsc.solvers.registry import Param, Registry
 from mudsc.solvers.zip import zip_match
 
 

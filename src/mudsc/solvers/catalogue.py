@@ -14,11 +14,11 @@ from typing import Protocol
 
 from torch import Tensor
 
+from mudsc.registry import Param, Registry
 from mudsc.solvers.align import align
 from mudsc.solvers.checks import check_similarity
 from mudsc.solvers.groups import group_align, group_zip
 from mudsc.solvers.match import Match, identity_match
-from mudsc.solvers.registry import Param, Registry
 from mudsc.solvers.zip import zip_match
 
 

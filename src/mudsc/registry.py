@@ -71,6 +71,9 @@ class Registry(Generic[T]):
     def copy(self) -> Registry[T]:
         return Registry(self.kind, self.plural, self._entries.values())
 
+    def items(self) -> list[tuple[str, T]]:
+        return list(self._entries.items())
+
     def __getitem__(self, name: str) -> T:
         return self.get(name)
 
