@@ -19,7 +19,9 @@ from mudsc.data import (
     augment,
     calibration_batches,
     dataset_names,
+    draw_calibration,
     iterate_batches,
+    limit_per_class,
     load_dataset,
     parse_classes,
     parse_split,
@@ -366,3 +368,40 @@ def test_calibration_batches(small) -> None:
     assert augmented[0].shape == (7, 1, 8, 8) and not torch.equal(augmented[0], rows)
     with pytest.raises(MudscError, match="have 8 training images"):
         calibration_batches(small, [1, 3], n=9, batch_size=3, seed=0, device="cpu")
+
+
+def test_draw_calibration_splits_one_seeded_draw(small) -> None:
+    cal = draw_calibration(small, [1, 3], 7, 3, seed=0, device="cpu", holdout=0.3)
+    assert [b.shape for b in cal.batches] == [(3, 1, 8, 8), (2, 1, 8, 8)]
+    assert cal.held is not None and len(cal.held[0]) == 2  # max(1, int(7 * 0.3))
+    assert set(cal.held[1].tolist()) <= {1, 3}
+    rows = torch.cat([*cal.batches, cal.held[0]])
+    pool = small.normalize(small.subset([1, 3])[0])
+    assert all(any(torch.equal(r, p) for p in pool) for r in rows)
+    assert len({r.sum().item() for r in rows}) == 7  # fit and holdout never share an image
+    # without a holdout every drawn image is a fit image, the same as calibration_batches
+    whole = draw_calibration(small, [1, 3], 7, 3, seed=0, device="cpu")
+    assert whole.held is None and torch.equal(torch.cat(whole.batches), rows)
+    old = calibration_batches(small, [1, 3], n=7, batch_size=3, seed=0, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(whole.batches, old, strict=True))
+    every = draw_calibration(small, None, 40, 40, seed=0, device="cpu").batches[0]
+    assert sorted(every.sum((1, 2, 3)).tolist()) == sorted(
+        small.normalize(small.train_images).sum((1, 2, 3)).tolist()
+    )
+    augmented = draw_calibration(small, [1, 3], 7, 7, seed=0, device="cpu", augment=True)
+    assert augmented.batches[0].shape == (7, 1, 8, 8)
+    assert not torch.equal(augmented.batches[0], rows)
+    with pytest.raises(MudscError, match="have 8 training images"):
+        draw_calibration(small, [1, 3], 9, 3, seed=0, device="cpu")
+
+
+def test_limit_per_class_keeps_a_seeded_share_in_dataset_order(small) -> None:
+    assert limit_per_class(small, None, None) is small
+    limited = limit_per_class(small, 2, None, seed=0)
+    counts = torch.bincount(limited.train_labels, minlength=10)
+    assert counts.tolist() == [2] * 10 and torch.equal(limited.test_images, small.test_images)
+    assert torch.equal(limit_per_class(small, 2, None, seed=0).train_images, limited.train_images)
+    kept = [i for i, x in enumerate(small.train_images) if any(torch.equal(x, y)
+            for y in limited.train_images)]  # fmt: skip
+    assert kept == sorted(kept) and len(kept) == 20
+    assert torch.bincount(limit_per_class(small, None, 1).test_labels).tolist() == [1] * 10

@@ -13,10 +13,12 @@ from fixtures_data import write_cifar_dataset
 from typer.testing import CliRunner
 
 import mudsc.cli_experiment  # noqa: F401  (registers the command)
-from mudsc import experiment
 from mudsc.cli import app
 from mudsc.errors import MudscError
-from mudsc.experiment_config import load_config, method_names, parse_config
+from mudsc.experiments import check_experiment, classification, runner
+from mudsc.experiments.classification import pair_tasks
+from mudsc.experiments.config import load_config, parse_config
+from mudsc.merge import method_names
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -44,7 +46,7 @@ def _write(path: Path, raw: dict) -> Path:
 def micro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("micro")
     cfg = parse_config({**MICRO, "output_dir": str(root / "out")}, name="micro")
-    results = experiment.run_experiment(cfg)
+    results = runner.run_experiment(cfg)
     return root / "out", results
 
 
@@ -88,7 +90,7 @@ def test_resume_redoes_only_what_is_missing(
     (leftover / "model.safetensors").write_bytes(b"half")
     (pair / "merges" / ".wzip.json.abc.partial").write_text("{")
     trained, merged = [], []
-    real_train, real_merge = experiment._train_model, experiment._run_merge
+    real_train, real_merge = classification.train_source, runner.run_merge
 
     def count_train(*args, **kwargs):
         trained.append(args[2])
@@ -98,10 +100,10 @@ def test_resume_redoes_only_what_is_missing(
         merged.append(method)
         return real_merge(models, batches, method, *args, **kwargs)
 
-    monkeypatch.setattr(experiment, "_train_model", count_train)
-    monkeypatch.setattr(experiment, "_run_merge", count_merge)
+    monkeypatch.setattr(classification, "train_source", count_train)
+    monkeypatch.setattr(runner, "run_merge", count_merge)
     cfg = parse_config({**MICRO, "output_dir": str(out)}, name="micro")
-    results = experiment.run_experiment(cfg)
+    results = runner.run_experiment(cfg)
     assert len(trained) == 1  # only model 1 of pair 0
     assert sorted(merged) == ["avg", "zipit"]  # retrained model-1 is bit-identical
     assert results["work"] == {"trained": 1, "merged": 2}
@@ -111,7 +113,7 @@ def test_resume_redoes_only_what_is_missing(
     # a third run reuses everything
     trained.clear()
     merged.clear()
-    experiment.run_experiment(cfg)
+    runner.run_experiment(cfg)
     assert trained == [] and merged == []
 
 
@@ -119,7 +121,7 @@ def test_changed_config_refuses_the_old_output(micro: tuple[Path, dict]) -> None
     out, _ = micro
     raw = {**MICRO, "output_dir": str(out), "train": {**MICRO["train"], "epochs": 3}}
     with pytest.raises(MudscError, match="different configuration.*train.*--force"):
-        experiment.run_experiment(parse_config(raw, name="micro"))
+        runner.run_experiment(parse_config(raw, name="micro"))
 
 
 @pytest.mark.parametrize(
@@ -160,12 +162,11 @@ def test_cli_reports_config_errors_in_one_line(tmp_path: Path) -> None:
 
 def test_data_dependent_checks_fail_before_training(tmp_path: Path) -> None:
     cfg = parse_config({**MICRO, "calibration": {"size": 1000}})
-    data = experiment.prepare_dataset(cfg)  # 30 images per class
     with pytest.raises(MudscError, match="'calibration.size' \\(1000\\) exceeds the 300"):
-        experiment.check_against_dataset(cfg, data)
+        check_experiment(cfg)  # 30 images per class
     cfg = parse_config({**MICRO, "embed_dim": 4})
     with pytest.raises(MudscError, match="'embed_dim' \\(4\\) must be >= the 10 classes"):
-        experiment.check_against_dataset(cfg, data)
+        check_experiment(cfg)
 
 
 @pytest.mark.parametrize(
@@ -181,7 +182,8 @@ def test_cifar_configs_validate_against_a_fixture_folder(
     assert raw["train"]["lr"] == 0.4 and raw["train"]["warmup_epochs"] == 5
     path = _write(tmp_path / config, {**raw, "data_dir": str(tmp_path)})
     cfg = load_config(path)
-    splits = experiment.check_against_dataset(cfg, experiment.prepare_dataset(cfg))
+    splits = pair_tasks(cfg, classes)
+    assert check_experiment(cfg) == f"{cfg.pairs} pair(s), class splits {splits}"
     assert len(splits) == cfg.pairs and all(len(s) == 2 for s in splits)
     assert all(len(t) == classes // 2 for s in splits for t in s)
     result = CliRunner().invoke(app, ["experiment", str(path), "--dry-run"])

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mudsc import hetero
 from mudsc.errors import MudscError
-from mudsc.experiment_config import method_names, parse_config
-from mudsc.merge import MergeConfig, merge_models
+from mudsc.experiments import hetero, hetero_tasks, run_experiment
+from mudsc.experiments.config import parse_config
+from mudsc.experiments.sources import prepare_dataset
+from mudsc.merge import MergeConfig, merge_models, method_names
 from mudsc.models import create
 
 MICRO = {
@@ -34,22 +35,22 @@ MICRO = {
 def test_rotation_batch_rotates_each_image_by_its_label() -> None:
     x = torch.arange(2 * 16, dtype=torch.float32).view(2, 1, 4, 4).repeat(4, 1, 1, 1)
     gen = torch.Generator().manual_seed(0)
-    inputs, turns = hetero.task_batch("rotation", x, torch.zeros(8), gen, 0.5)
+    inputs, turns = hetero_tasks.task_batch("rotation", x, torch.zeros(8), gen, 0.5)
     for i in range(8):
         assert torch.equal(inputs[i], torch.rot90(x[i], int(turns[i]), dims=(1, 2)))
     clean = torch.zeros(3, 1, 4, 4)
-    noisy, target = hetero.task_batch("denoise", clean, torch.zeros(3), gen, 0.5)
+    noisy, target = hetero_tasks.task_batch("denoise", clean, torch.zeros(3), gen, 0.5)
     assert torch.equal(target, clean) and 0.3 < noisy.std() < 0.7
 
 
 def test_constant_losses_are_those_of_the_best_constant() -> None:
     cfg = parse_config({**MICRO})
-    data = hetero.prepare_dataset(cfg)
+    data = prepare_dataset(cfg)
     labels = data.test_labels
-    assert hetero.constant_loss("classification", data, labels) == pytest.approx(math.log(10))
-    assert hetero.constant_loss("rotation", data, labels) == pytest.approx(math.log(4))
+    assert hetero_tasks.constant_loss("classification", data, labels) == pytest.approx(math.log(10))
+    assert hetero_tasks.constant_loss("rotation", data, labels) == pytest.approx(math.log(4))
     images = data.normalize(data.test_images)
-    mse = hetero.constant_loss("autoencode", data, images)
+    mse = hetero_tasks.constant_loss("autoencode", data, images)
     assert 0 < mse < ((images - images.mean() - 1) ** 2).mean()
 
 
@@ -61,7 +62,7 @@ def test_per_task_heads_reproduce_a_self_merge_exactly() -> None:
     x = torch.randn(64, 1, 8, 8)
     result = merge_models([model, perm], [x], MergeConfig(method="act-align", repair="none"))
     space = hetero.head_input_space(result.spec, model)
-    encoders = hetero._per_task_encoders(result, [model, perm], keep_heads=True)
+    encoders = hetero.per_task_encoders(result, [model, perm], keep_heads=True)
     assert result.matches[space].unmerge_of(1).shape == (16, 16)
     for enc in encoders:
         torch.testing.assert_close(enc(x), model(x), atol=1e-5, rtol=1e-5)
@@ -69,13 +70,13 @@ def test_per_task_heads_reproduce_a_self_merge_exactly() -> None:
 
 def test_undefined_scaled_performance_is_a_clear_error() -> None:
     with pytest.raises(MudscError, match="no better than a constant predictor.*train.epochs"):
-        hetero._scaled(1.0, 0.5, 1.2, "autoencode")
-    assert hetero._scaled(2.0, 1.5, 1.0, "x") == pytest.approx(0.5)
+        hetero_tasks.scaled_performance(1.0, 0.5, 1.2, "autoencode")
+    assert hetero_tasks.scaled_performance(2.0, 1.5, 1.0, "x") == pytest.approx(0.5)
 
 
 def test_micro_hetero_run_scores_every_task_and_method(tmp_path: Path) -> None:
     cfg = parse_config({**MICRO, "output_dir": str(tmp_path / "out")}, name="hmicro")
-    results = hetero.run_hetero(cfg)
+    results = run_experiment(cfg)
     out = tmp_path / "out"
     for name in ("results.md", "results.csv", "results.json", "results.png"):
         assert (out / name).is_file(), name
@@ -92,6 +93,6 @@ def test_micro_hetero_run_scores_every_task_and_method(tmp_path: Path) -> None:
     assert all(f"| {m} |" in md for m in method_names())
     assert results["work"]["merged"] == len(method_names())
     # resume: nothing is redone
-    again = hetero.run_hetero(cfg)
+    again = run_experiment(cfg)
     assert again["work"] == {"trained": 0, "merged": 0}
     assert again["summary"] == results["summary"]

@@ -3,16 +3,21 @@
 from mudsc.data.augment import augment, random_crop, random_hflip
 from mudsc.data.base import ImageDataset
 from mudsc.data.batches import calibration_batches, iterate_batches
+from mudsc.data.calibration import CalibrationSet, draw_calibration
 from mudsc.data.registry import ENV_VAR, dataset_names, load_dataset
+from mudsc.data.subsample import limit_per_class
 from mudsc.data.tasks import parse_classes, parse_split, split_classes, validate_classes
 
 __all__ = [
     "ENV_VAR",
+    "CalibrationSet",
     "ImageDataset",
     "augment",
     "calibration_batches",
     "dataset_names",
+    "draw_calibration",
     "iterate_batches",
+    "limit_per_class",
     "load_dataset",
     "parse_classes",
     "parse_split",

@@ -16,21 +16,16 @@ from typing import Any
 import yaml
 
 from mudsc.errors import MudscError
+from mudsc.merge import ALPHA_GRID, MergeConfig, method_names
 from mudsc.train import TrainConfig
 
 KINDS = ("classification", "hetero")
 HETERO_TASKS = ("classification", "autoencode", "denoise", "rotation")
-DEFAULT_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-# MergeConfig fields a config may set under ``merge:``; the rest are owned by the runner.
-MERGE_KEYS = ("zip_a", "zip_b", "max_sweeps", "patience", "tolerance", "repair", "stats_dtype")
+# MergeConfig fields the experiment sets itself (top-level keys, the device, the
+# calibration split); every other field may be set under ``merge:``.
+RUNNER_MERGE_FIELDS = ("method", "alpha", "alpha_grid", "holdout", "device", "seed", "stop_at")
+MERGE_KEYS = tuple(f.name for f in fields(MergeConfig) if f.name not in RUNNER_MERGE_FIELDS)
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "seed")
-
-
-def method_names() -> list[str]:
-    """The merge methods, from the engine itself (imported late: the engine is heavy)."""
-    from mudsc.merge import METHODS
-
-    return list(METHODS)
 
 
 @dataclass(frozen=True)
@@ -80,7 +75,7 @@ class ExperimentConfig:
     test_images_per_class: int | None = None
     methods: tuple[str, ...] = ()
     alpha: float | str = "auto"
-    alpha_grid: tuple[float, ...] = DEFAULT_GRID
+    alpha_grid: tuple[float, ...] = ALPHA_GRID
     merge: dict[str, Any] = field(default_factory=dict)
     calibration: Calibration = field(default_factory=Calibration)
     eval_batch_size: int = 500
@@ -208,8 +203,6 @@ def _calibration(raw: Any) -> Calibration:
 
 def _merge_options(raw: Any, methods: tuple[str, ...]) -> dict[str, Any]:
     values = _mapping("merge", raw, MERGE_KEYS)
-    from mudsc.merge import MergeConfig
-
     for method in methods:
         try:
             MergeConfig(method=method, **values)
@@ -236,7 +229,7 @@ def _methods(raw: Any) -> tuple[str, ...]:
 
 def _grid(raw: Any) -> tuple[float, ...]:
     if raw is None:
-        return DEFAULT_GRID
+        return ALPHA_GRID
     if not isinstance(raw, list) or not raw:
         raise _fail("alpha_grid", "a non-empty list of numbers in [0, 1]", raw)
     return tuple(_number(f"alpha_grid[{i}]", v, 0.0, 1.0) for i, v in enumerate(raw))

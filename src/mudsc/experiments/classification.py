@@ -1,0 +1,285 @@
+"""Classification pairs (the paper's main protocol): K pairs of models on disjoint classes.
+
+Each pair has its own random class split and each model its own seed; the models are
+trained (or reused), evaluated alone and as an ensemble, and every merge is scored on
+the joint and per-task protocol through the shared frozen class embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mudsc.checkpoint import load_checkpoint, save_checkpoint
+from mudsc.data import ImageDataset, draw_calibration, parse_split, split_classes
+from mudsc.errors import MudscError
+from mudsc.evaluate import Report, embed, evaluate_embeddings
+from mudsc.experiments.classification_report import classification_report
+from mudsc.experiments.config import ExperimentConfig
+from mudsc.experiments.pool import Ensure, MergeGroup, SourceJob
+from mudsc.experiments.records import make_key, read_record, state_hash, write_record
+from mudsc.experiments.reports import ReportFiles, mean_std
+from mudsc.experiments.sources import build_model
+from mudsc.merge import METHODS, MergeResult
+from mudsc.models.head import ClassEmbeddingHead
+from mudsc.progress import Progress
+from mudsc.train import train, train_config_dict
+
+log = logging.getLogger(__name__)
+
+MERGE_ROW_KEYS = ("joint", "per_task", "avg", "alpha", "alpha_scores", "seconds")
+
+
+def pair_tasks(cfg: ExperimentConfig, num_classes: int) -> list[list[list[int]]]:
+    """The class split of every pair (pair k uses ``split_seeds[k]``)."""
+    sizes = parse_split(cfg.split)
+    return [split_classes(num_classes, sizes, seed) for seed in cfg.split_seeds]
+
+
+def report_dict(report: Report) -> dict[str, Any]:
+    return {"joint": report.joint, "per_task": list(report.per_task), "avg": report.avg}
+
+
+def train_source(
+    cfg: ExperimentConfig,
+    data: ImageDataset,
+    classes: list[int],
+    head: ClassEmbeddingHead,
+    seed: int,
+    device: Any,
+    progress: Progress,
+    label: str,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train one source model (its own seed, its own task's images only)."""
+    config = replace(cfg.train, seed=seed)
+    progress(label, 0, config.epochs, "")
+    result = train(
+        cfg.arch, data, classes, head, config, {**cfg.arch_args, "embed_dim": cfg.embed_dim},
+        device,
+        progress=lambda r: progress(
+            label, int(r["epoch"]), config.epochs, f"acc {100 * r['accuracy']:.1f}%"
+        ),
+    )  # fmt: skip
+    return result.model, {"history": result.history, "seconds": result.seconds}
+
+
+def evaluate_sources(
+    models: Sequence[nn.Module],
+    tasks: list[list[int]],
+    head: ClassEmbeddingHead,
+    test: tuple[torch.Tensor, torch.Tensor],
+    batch_size: int,
+    device: Any,
+) -> dict[str, dict[str, Any]]:
+    """Each source alone (own task = its per_task entry; joint over all classes) + ensemble."""
+    embeddings = [embed(m, test[0], batch_size, device) for m in models]
+    rows = {
+        f"model {i}": report_dict(evaluate_embeddings([e], test[1], tasks, head))
+        for i, e in enumerate(embeddings)
+    }
+    rows["ensemble"] = report_dict(evaluate_embeddings(embeddings, test[1], tasks, head))
+    return rows
+
+
+def accuracy_score(
+    held: tuple[torch.Tensor, torch.Tensor],
+    tasks: list[list[int]],
+    head: ClassEmbeddingHead,
+    batch_size: int,
+    device: Any,
+) -> Callable[[MergeResult], float]:
+    """score_fn for ``alpha: auto``: average per-task accuracy on labelled training images."""
+
+    def score(candidate: MergeResult) -> float:
+        emb = embed(candidate.model, held[0], batch_size, device)
+        return evaluate_embeddings([emb], held[1], tasks, head).avg
+
+    return score
+
+
+def summarize(pairs: list[dict[str, Any]], order: list[str]) -> dict[str, Any]:
+    """Mean +- std over pairs of every row's joint, per-task, avg, merge time and alpha."""
+    summary = {}
+    for name in order:
+        rows = [p["rows"][name] for p in pairs]
+        entry: dict[str, Any] = {
+            "joint": mean_std([r["joint"] for r in rows]),
+            "per_task": [
+                mean_std([r["per_task"][t] for r in rows]) for t in range(len(rows[0]["per_task"]))
+            ],  # fmt: skip
+            "avg": mean_std([r["avg"] for r in rows]),
+        }
+        if "seconds" in rows[0]:
+            entry["seconds"] = mean_std([r["seconds"] for r in rows])
+        alphas = [r.get("alpha") for r in rows]
+        if all(isinstance(a, int | float) for a in alphas):
+            entry["alpha"] = {**mean_std(alphas), "values": alphas}
+        summary[name] = entry
+    return summary
+
+
+class ClassificationPool:
+    """Pairs of classifiers, each model trained on its own task's classes."""
+
+    row_keys = MERGE_ROW_KEYS
+
+    def __init__(
+        self, cfg: ExperimentConfig, data: ImageDataset, device: Any, progress: Progress
+    ) -> None:
+        self.cfg, self.data, self.device, self.progress = cfg, data, device, progress
+        self.splits = pair_tasks(cfg, data.num_classes)
+
+    def check(self) -> str:
+        """Everything that depends on the data, checked before any training."""
+        cfg, data = self.cfg, self.data
+        if cfg.embed_dim < data.num_classes:
+            raise MudscError(
+                f"config key 'embed_dim' ({cfg.embed_dim}) must be >= the {data.num_classes} "
+                f"classes of {cfg.dataset} (one orthonormal embedding per class)"
+            )
+        build_model(cfg, data)
+        for k, split in enumerate(self.splits):
+            union = [c for t in split for c in t]
+            available = int(torch.isin(data.train_labels, torch.tensor(union)).sum())
+            if cfg.calibration.size > available:
+                raise MudscError(
+                    f"config key 'calibration.size' ({cfg.calibration.size}) exceeds the "
+                    f"{available} training images of pair {k}'s classes; lower it"
+                )
+            if int(cfg.calibration.size * cfg.calibration.holdout) < len(split):
+                raise MudscError(
+                    "config keys 'calibration.size' x 'calibration.holdout' leave fewer "
+                    f"held-out images than tasks ({len(split)}); raise either"
+                )
+        return f"{cfg.pairs} pair(s), class splits {self.splits}"
+
+    def _train_key(self, classes: list[int], seed: int) -> dict[str, Any]:
+        cfg = self.cfg
+        return make_key({
+            "dataset": cfg.dataset,
+            "train_images_per_class": cfg.train_images_per_class,
+            "arch": cfg.arch,
+            "arch_args": cfg.arch_args,
+            "embed_dim": cfg.embed_dim,
+            "head_seed": cfg.head_seed,
+            "classes": classes,
+            "train": train_config_dict(replace(cfg.train, seed=seed)),
+        })  # fmt: skip
+
+    def _source_job(
+        self, path: Path, classes: list[int], head: ClassEmbeddingHead, seed: int, label: str
+    ) -> SourceJob[tuple[nn.Module, Any]]:
+        """A checkpoint whose provenance carries its key; the artefact: (model, seconds)."""
+        cfg, device = self.cfg, self.device
+        key = self._train_key(classes, seed)
+
+        def load(where: Path) -> tuple[Any, tuple[nn.Module, Any]] | None:
+            try:
+                ck = load_checkpoint(where, device)
+            except MudscError as exc:
+                log.warning("%s is not a complete checkpoint (%s); retraining", where, exc)
+                return None
+            return ck.config.get("experiment_key"), (ck.model, ck.config.get("seconds"))
+
+        def make() -> tuple[nn.Module, Any]:
+            model, info = train_source(
+                cfg, self.data, classes, head, seed, device, self.progress, label
+            )
+            provenance = {
+                "kind": "train", "dataset": cfg.dataset, "tasks": [classes],
+                "train": key["config"]["train"], "experiment_key": key, **info,
+                "torch": torch.__version__, "device": str(device),
+            }  # fmt: skip
+            save_checkpoint(path, model, provenance, head, force=True)
+            return model, info["seconds"]
+
+        return SourceJob(path, key, label, load, make)
+
+    def groups(self, out: Path, ensure: Ensure, force: bool) -> Iterator[MergeGroup]:
+        cfg, data, device = self.cfg, self.data, self.device
+        head = ClassEmbeddingHead.orthonormal(data.num_classes, cfg.embed_dim, cfg.head_seed)
+        test = (data.normalize(data.test_images), data.test_labels)
+        for k, tasks in enumerate(self.splits):
+            pair_dir = out / "pairs" / f"pair-{k}"
+            models, seconds = [], []
+            for i, classes in enumerate(tasks):
+                label = f"pair {k}: train model {i}"
+                seed = cfg.model_seeds[k][i]
+                job = self._source_job(pair_dir / f"model-{i}", classes, head, seed, label)
+                (model, train_seconds), _ = ensure(job)
+                models.append(model)
+                seconds.append(train_seconds)
+            hashes = [state_hash(m) for m in models]
+            rows = self._source_rows(pair_dir, k, models, tasks, hashes, head, test, force)
+            for i, s in enumerate(seconds):
+                rows[f"model {i}"]["train_seconds"] = s
+            cal = cfg.calibration
+            calibration = draw_calibration(
+                data, [c for t in tasks for c in t], cal.size, cal.batch_size, cal.seed + k,
+                device, augment=cal.augment, holdout=cal.holdout,
+            )  # fmt: skip
+            assert calibration.held is not None
+
+            def evaluate(result: MergeResult, tasks: list[list[int]] = tasks) -> dict[str, Any]:
+                emb = embed(result.model, test[0], cfg.eval_batch_size, device)
+                return report_dict(evaluate_embeddings([emb], test[1], tasks, head))
+
+            yield MergeGroup(
+                label=f"pair {k}",
+                folder=pair_dir / "merges",
+                models=models,
+                hashes=hashes,
+                key={"tasks": tasks},
+                batches=calibration.batches,
+                score=accuracy_score(calibration.held, tasks, head, cfg.eval_batch_size, device),
+                evaluate=evaluate,
+                entry={
+                    "pair": k,
+                    "split_seed": cfg.split_seeds[k],
+                    "tasks": tasks,
+                    "model_seeds": list(cfg.model_seeds[k]),
+                },  # fmt: skip
+                rows=rows,
+            )
+
+    def _source_rows(
+        self, pair_dir: Path, k: int, models: list[nn.Module], tasks: list[list[int]],
+        hashes: list[str], head: ClassEmbeddingHead, test: tuple[torch.Tensor, torch.Tensor],
+        force: bool,
+    ) -> dict[str, dict[str, Any]]:  # fmt: skip
+        """The sources' own test rows, from their record or evaluated and recorded."""
+        cfg = self.cfg
+        key = make_key(
+            {"tasks": tasks, "test_images_per_class": cfg.test_images_per_class},
+            {"sources": hashes},
+        )
+        path = pair_dir / "sources.json"
+        record = read_record(path, key, force)
+        if record is None:
+            label = f"pair {k}: evaluate sources"
+            self.progress(label, 0, 1, "")
+            rows = evaluate_sources(models, tasks, head, test, cfg.eval_batch_size, self.device)
+            record = write_record(path, key, {"rows": rows})
+            self.progress(label, 1, 1, "")
+        return dict(record["rows"])
+
+    def order(self) -> list[str]:
+        """Row order of every table: the sources, the ensemble, the methods."""
+        n_models = len(self.splits[0])
+        return [f"model {i}" for i in range(n_models)] + ["ensemble", *self.cfg.methods]
+
+    def results(self, groups: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "methods": {m: METHODS[m].description for m in self.cfg.methods},
+            "pairs": groups,
+            "summary": summarize(groups, self.order()),
+        }
+
+    def report(self, results: dict[str, Any]) -> ReportFiles:
+        return classification_report(results, self.order())

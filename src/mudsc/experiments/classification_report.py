@@ -1,0 +1,102 @@
+"""results.md / results.csv / results.png of a classification-pairs experiment."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mudsc.experiments.reports import Chart, ReportFiles, machine_line, md_table, pct
+
+
+def _alpha_cell(alpha: Any) -> str:
+    return f"{alpha:g}" if isinstance(alpha, int | float) else ""
+
+
+def markdown(results: dict[str, Any], order: list[str]) -> str:
+    """results.md: the summary table, then one table per pair."""
+    cfg, summary, pairs = results["config"], results["summary"], results["pairs"]
+    n_tasks = len(pairs[0]["tasks"])
+    task_cols = [f"task {t}" for t in range(n_tasks)]
+    header = ["model / method", "joint", *task_cols, "avg", "merge s", "alpha"]
+    lines = []
+    for name in order:
+        s = summary[name]
+        alpha = s.get("alpha")
+        lines.append([
+            name, pct(s["joint"]), *[pct(t) for t in s["per_task"]], pct(s["avg"]),
+            f"{s['seconds']['mean']:.1f}" if "seconds" in s else "",
+            ", ".join(f"{a:g}" for a in alpha["values"]) if alpha else "",
+        ])  # fmt: skip
+    text = [
+        f"# {results['name']}",
+        "",
+        f"{cfg['dataset']} {cfg.get('split', '')}, {cfg['arch']} {cfg['arch_args']}, "
+        f"{len(pairs)} pair(s); accuracy in %, mean ± std (sample std) over pairs.",
+        "task t = the classes of model t; a source model's avg mixes its own task with one "
+        "it never saw. alpha = the chosen balance factor per pair (MuDSC methods; "
+        f"'{cfg['alpha']}' in the config), 1 for weight-only matching.",
+        "",
+        md_table(header, lines),
+        "",
+        f"{machine_line(results['machine'])} Created {results['created']}; this invocation "
+        f"took {results['wall_seconds']:.0f} s (trained {results['work']['trained']} models, "
+        f"ran {results['work']['merged']} merges; the rest was reused).",
+    ]
+    for p in pairs:
+        rows = []
+        for name in order:
+            r = p["rows"][name]
+            rows.append([
+                name, f"{100 * r['joint']:.1f}", *[f"{100 * a:.1f}" for a in r["per_task"]],
+                f"{100 * r['avg']:.1f}", f"{r['seconds']:.1f}" if "seconds" in r else "",
+                _alpha_cell(r.get("alpha")),
+            ])  # fmt: skip
+        text += ["", f"## pair {p['pair']}: tasks {p['tasks']} (split seed {p['split_seed']}, "
+                 f"model seeds {p['model_seeds']})", "", md_table(header, rows)]  # fmt: skip
+    return "\n".join(text) + "\n"
+
+
+def _fmt(v: Any) -> str:
+    return "" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+
+
+def csv_text(results: dict[str, Any], order: list[str]) -> str:
+    """results.csv: one row per (pair, model/method), then mean and std rows."""
+    n_tasks = len(results["pairs"][0]["tasks"])
+    header = ["pair", "row", "joint", *[f"task_{t}" for t in range(n_tasks)], "avg",
+              "merge_seconds", "alpha"]  # fmt: skip
+    lines = [",".join(header)]
+    for p in results["pairs"]:
+        for name in order:
+            r = p["rows"][name]
+            lines.append(",".join([str(p["pair"]), name, _fmt(r["joint"]),
+                                   *[_fmt(a) for a in r["per_task"]], _fmt(r["avg"]),
+                                   _fmt(r.get("seconds")), _fmt(r.get("alpha"))]))  # fmt: skip
+    for stat in ("mean", "std"):
+        for name in order:
+            s = results["summary"][name]
+            lines.append(",".join([
+                stat, name, _fmt(s["joint"][stat]), *[_fmt(t[stat]) for t in s["per_task"]],
+                _fmt(s["avg"][stat]), _fmt(s.get("seconds", {}).get(stat)),
+                _fmt(s.get("alpha", {}).get(stat)),
+            ]))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def chart(results: dict[str, Any], order: list[str]) -> Chart:
+    """Joint and avg accuracy of the ensemble and every method, mean ± std over pairs."""
+    names = [n for n in order if not n.startswith("model ")]
+    summary = results["summary"]
+    series = {
+        metric: ([100 * summary[n][metric]["mean"] for n in names],
+                 [100 * summary[n][metric]["std"] for n in names])
+        for metric in ("joint", "avg")
+    }  # fmt: skip
+    cfg = results["config"]
+    title = (f"{results['name']}: {cfg['dataset']} {cfg['split']}, {cfg['arch']}, "
+             f"{len(results['pairs'])} pair(s), mean ± std")  # fmt: skip
+    return Chart(title, names, series, "test accuracy (%)")
+
+
+def classification_report(results: dict[str, Any], order: list[str]) -> ReportFiles:
+    """All three report files, rows in ``order``."""
+    return ReportFiles(markdown(results, order), csv_text(results, order), chart(results, order))

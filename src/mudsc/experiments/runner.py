@@ -1,0 +1,185 @@
+"""The paper's protocol end to end (ALGORITHM.md section 8): make sources, merge, report.
+
+One runner for every kind of experiment: it cleans leftovers, copies the config, reuses
+or makes each source, merges every group with every method (each merge one resumable
+record), and writes results.{json,md,csv,png}.  What differs between kinds lives in a
+:class:`~mudsc.experiments.pool.TaskPool`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import Tensor, nn
+
+from mudsc.atomic import atomic_write_text
+from mudsc.experiments.classification import ClassificationPool
+from mudsc.experiments.config import ExperimentConfig
+from mudsc.experiments.hetero import HeteroPool
+from mudsc.experiments.pool import MergeGroup, SourceJob, TaskPool
+from mudsc.experiments.records import (
+    check_key,
+    clean_partials,
+    jsonable,
+    make_key,
+    read_record,
+    write_record,
+)
+from mudsc.experiments.reports import machine_info, write_report
+from mudsc.experiments.sources import prepare_dataset
+from mudsc.merge import METHODS, MergeConfig, MergeResult, merge_models
+from mudsc.progress import Progress, quiet
+
+log = logging.getLogger(__name__)
+
+POOLS: dict[str, Callable[..., TaskPool]] = {
+    "classification": ClassificationPool,
+    "hetero": HeteroPool,
+}
+
+
+def make_pool(cfg: ExperimentConfig, device: Any, progress: Progress) -> TaskPool:
+    """The config's kind of experiment over its (subsampled) data, checked against it."""
+    return POOLS[cfg.kind](cfg, prepare_dataset(cfg), device, progress)
+
+
+def check_experiment(cfg: ExperimentConfig) -> str:
+    """Validate ``cfg`` against its data (no training); a one-line summary of the plan."""
+    return make_pool(cfg, "cpu", quiet).check()
+
+
+def ensure_source(job: SourceJob[Any], force: bool, progress: Progress) -> tuple[Any, bool]:
+    """Reuse the finished artefact of ``job`` when its key matches, else make it."""
+    if job.path.exists() and not force:
+        found = job.load(job.path)
+        if found is not None and check_key(job.path, found[0], job.key, force):
+            progress(job.label, 1, 1, "reused")
+            return found[1], True
+    return job.make(), False
+
+
+def merge_key(cfg: ExperimentConfig, method: str, group: MergeGroup) -> dict[str, Any]:
+    """What a merge record depends on: the method's settings, the group, the source hashes."""
+    alpha = METHODS[method].uses_alpha
+    return make_key(
+        {
+            "method": method,
+            "alpha": cfg.alpha if alpha else None,
+            "alpha_grid": cfg.alpha_grid if alpha and cfg.alpha == "auto" else None,
+            "merge": cfg.merge,
+            "calibration": asdict(cfg.calibration),
+            "test_images_per_class": cfg.test_images_per_class,
+            **group.key,
+        },
+        {"sources": group.hashes},
+    )
+
+
+def run_merge(
+    models: list[nn.Module],
+    batches: list[Tensor],
+    method: str,
+    cfg: ExperimentConfig,
+    score: Callable[[MergeResult], float],
+    device: Any,
+) -> tuple[MergeResult, dict[str, Any]]:
+    """One merge with the engine (``alpha: auto`` searched there, one trace and one
+    statistics pass for the whole grid); returns the result and a JSON-ready record."""
+    uses_alpha = METHODS[method].uses_alpha
+    config = MergeConfig(
+        method=method,
+        alpha=cfg.alpha if uses_alpha else 0.5,
+        alpha_grid=cfg.alpha_grid,
+        device=str(device),
+        **cfg.merge,
+    )
+    start = time.perf_counter()
+    result = merge_models(models, batches, config, score_fn=score if uses_alpha else None)
+    seconds = time.perf_counter() - start
+    return result, {
+        "method": method,
+        "alpha": result.alpha if uses_alpha else None,
+        "alpha_scores": result.card()["alpha_scores"],
+        "seconds": seconds,
+        "timings": result.timings,
+        "sweeps": result.sweeps,
+    }
+
+
+def write_config_copy(out: Path, cfg: ExperimentConfig) -> None:
+    """config.yaml beside the results: the resolved config, defaults included."""
+    text = yaml.safe_dump(jsonable(cfg.to_dict()), sort_keys=False)
+    atomic_write_text(out / "config.yaml", text)
+
+
+class _Run:
+    """One invocation: the output folder, what it did, and the merge loop."""
+
+    def __init__(self, cfg: ExperimentConfig, device: Any, force: bool, progress: Progress) -> None:
+        self.cfg, self.device, self.force, self.progress = cfg, device, force, progress
+        self.work = {"trained": 0, "merged": 0}
+
+    def ensure(self, job: SourceJob[Any]) -> tuple[Any, bool]:
+        artefact, reused = ensure_source(job, self.force, self.progress)
+        self.work["trained"] += not reused
+        return artefact, reused
+
+    def merge_group(self, group: MergeGroup, row_keys: tuple[str, ...]) -> dict[str, Any]:
+        """Every method on one group; each merge reused from its record or done and saved."""
+        methods = self.cfg.methods
+        label = f"{group.label}: merge"
+        rows = dict(group.rows)
+        for j, method in enumerate(methods):
+            self.progress(label, j, len(methods), method)
+            path = group.folder / f"{method}.json"
+            key = merge_key(self.cfg, method, group)
+            record = read_record(path, key, self.force)
+            if record is None:
+                result, info = run_merge(
+                    group.models, group.batches, method, self.cfg, group.score, self.device
+                )
+                record = write_record(path, key, {**info, **group.evaluate(result)})
+                self.work["merged"] += 1
+            rows[method] = {k: record[k] for k in row_keys}
+        self.progress(label, len(methods), len(methods), "done")
+        return {**group.entry, "rows": rows}
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    device: torch.device | str = "cpu",
+    force: bool = False,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the experiment ``cfg`` describes; returns what results.json holds."""
+    step = progress or quiet
+    started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    pool = make_pool(cfg, device, step)
+    pool.check()
+    clean_partials(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_config_copy(out, cfg)
+    run = _Run(cfg, device, force, step)
+    groups = [run.merge_group(g, pool.row_keys) for g in pool.groups(out, run.ensure, force)]
+    results = {
+        "name": cfg.name,
+        "kind": cfg.kind,
+        "config": jsonable(cfg.to_dict()),
+        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine_info(device),
+        "wall_seconds": time.perf_counter() - started,
+        "work": run.work,
+        **pool.results(groups),
+    }
+    write_report(out, json.dumps(results, indent=2), pool.report(results))
+    return results
