@@ -17,7 +17,6 @@ from fixtures_data import IDX_STEMS, idx_bytes, write_cifar_dataset, write_idx_d
 from mudsc.data import (
     ENV_VAR,
     augment,
-    calibration_batches,
     dataset_names,
     draw_calibration,
     iterate_batches,
@@ -355,21 +354,6 @@ def test_iterate_batches() -> None:
         iterate_batches(images, labels, 5, shuffle=True)  # fails at the call, not lazily
 
 
-def test_calibration_batches(small) -> None:
-    batches = calibration_batches(small, [1, 3], n=7, batch_size=3, seed=0, device="cpu")
-    assert [b.shape for b in batches] == [(3, 1, 8, 8), (3, 1, 8, 8), (1, 1, 8, 8)]
-    pool = small.normalize(small.subset([1, 3])[0])
-    rows = torch.cat(batches)
-    assert all(any(torch.equal(r, p) for p in pool) for r in rows)
-    assert len({r.sum().item() for r in rows}) == 7  # no image drawn twice
-    same = calibration_batches(small, [1, 3], n=7, batch_size=3, seed=0, device="cpu")
-    assert all(torch.equal(a, b) for a, b in zip(batches, same, strict=True))
-    augmented = calibration_batches(small, [1, 3], 7, 7, seed=0, device="cpu", augment=True)
-    assert augmented[0].shape == (7, 1, 8, 8) and not torch.equal(augmented[0], rows)
-    with pytest.raises(MudscError, match="have 8 training images"):
-        calibration_batches(small, [1, 3], n=9, batch_size=3, seed=0, device="cpu")
-
-
 def test_draw_calibration_splits_one_seeded_draw(small) -> None:
     cal = draw_calibration(small, [1, 3], 7, 3, seed=0, device="cpu", holdout=0.3)
     assert [b.shape for b in cal.batches] == [(3, 1, 8, 8), (2, 1, 8, 8)]
@@ -379,11 +363,12 @@ def test_draw_calibration_splits_one_seeded_draw(small) -> None:
     pool = small.normalize(small.subset([1, 3])[0])
     assert all(any(torch.equal(r, p) for p in pool) for r in rows)
     assert len({r.sum().item() for r in rows}) == 7  # fit and holdout never share an image
-    # without a holdout every drawn image is a fit image, the same as calibration_batches
+    # without a holdout every drawn image is a fit image, drawn the same way
     whole = draw_calibration(small, [1, 3], 7, 3, seed=0, device="cpu")
     assert whole.held is None and torch.equal(torch.cat(whole.batches), rows)
-    old = calibration_batches(small, [1, 3], n=7, batch_size=3, seed=0, device="cpu")
-    assert all(torch.equal(a, b) for a, b in zip(whole.batches, old, strict=True))
+    assert [b.shape[0] for b in whole.batches] == [3, 3, 1]
+    same = draw_calibration(small, [1, 3], 7, 3, seed=0, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(whole.batches, same.batches, strict=True))
     every = draw_calibration(small, None, 40, 40, seed=0, device="cpu").batches[0]
     assert sorted(every.sum((1, 2, 3)).tolist()) == sorted(
         small.normalize(small.train_images).sum((1, 2, 3)).tolist()

@@ -12,13 +12,12 @@ import yaml
 from fixtures_data import write_cifar_dataset
 from typer.testing import CliRunner
 
-import mudsc.cli_experiment  # noqa: F401  (registers the command)
 from mudsc.cli import app
 from mudsc.errors import MudscError
 from mudsc.experiments import check_experiment, classification, runner
 from mudsc.experiments.classification import pair_tasks
 from mudsc.experiments.config import load_config, parse_config
-from mudsc.merge import method_names
+from mudsc.methods import method_names
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

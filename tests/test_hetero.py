@@ -13,7 +13,8 @@ from mudsc.errors import MudscError
 from mudsc.experiments import hetero, hetero_tasks, run_experiment
 from mudsc.experiments.config import parse_config
 from mudsc.experiments.sources import prepare_dataset
-from mudsc.merge import MergeConfig, merge_models, method_names
+from mudsc.merge import MergeConfig, merge_models
+from mudsc.methods import method_names
 from mudsc.models import create
 
 MICRO = {

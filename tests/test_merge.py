@@ -641,7 +641,7 @@ def test_bad_input_fails_before_any_work(
 
 @pytest.mark.slow
 def test_mudsc_zip_beats_averaging_on_embedded_mnist() -> None:
-    from mudsc.data import calibration_batches, load_dataset, split_classes
+    from mudsc.data import draw_calibration, load_dataset, split_classes
     from mudsc.evaluate import evaluate
     from mudsc.models.head import ClassEmbeddingHead
     from mudsc.train import TrainConfig, train
@@ -658,7 +658,7 @@ def test_mudsc_zip_beats_averaging_on_embedded_mnist() -> None:
     for i, m in enumerate(models):  # the sources learnt their own task
         assert evaluate(m, images, labels, tasks, head).per_task[i] > 0.8
     union = sorted(c for t in tasks for c in t)
-    batches = calibration_batches(data, union, 300, 100, seed=0, device="cpu")
+    batches = draw_calibration(data, union, 300, 100, seed=0, device="cpu").batches
     joint = {
         method: evaluate(merge(models, batches, method), images, labels, tasks, head).joint
         for method in ("avg", "mudsc-zip")

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from mudsc.apply import apply_matches
 from mudsc.checkpoint import save_checkpoint
 from mudsc.cli import app
-from mudsc.data import calibration_batches, load_dataset
+from mudsc.data import draw_calibration, load_dataset
 from mudsc.errors import MudscError
 from mudsc.merge import MergeConfig, merge_models
 from mudsc.methods import METHODS
@@ -83,7 +83,8 @@ def evalset(dataset, head):
 
 @pytest.fixture(scope="module")
 def batches(dataset):
-    return [_shrink(x) for x in calibration_batches(dataset, list(range(10)), 32, 32, 0, "cpu")]
+    drawn = draw_calibration(dataset, list(range(10)), 32, 32, 0, "cpu")
+    return [_shrink(x) for x in drawn.batches]
 
 
 def _pair(arch: str, image_size: int = 14, **kwargs):

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from mudsc.data import calibration_batches, load_dataset, split_classes
+from mudsc.data import draw_calibration, load_dataset, split_classes
 from mudsc.evaluate import embed, evaluate_embeddings
 from mudsc.merge import MergeConfig, merge_models
 from mudsc.methods import METHODS
@@ -57,7 +57,7 @@ def run_demo(
     )
 
     union = sorted(c for t in tasks for c in t)
-    batches = calibration_batches(data, union, DEMO_CALIBRATION, 100, seed=0, device=device)
+    batches = draw_calibration(data, union, DEMO_CALIBRATION, 100, seed=0, device=device).batches
     for k, method in enumerate(METHODS):
         step("merge", k, len(METHODS), method)
         start = time.perf_counter()

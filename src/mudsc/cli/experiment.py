@@ -1,7 +1,4 @@
-"""``mudsc experiment CONFIG.yaml``: the paper's protocol end to end, with progress and tables.
-
-``_check`` and ``_run`` are the only calls into the experiment library.
-"""
+"""``mudsc experiment CONFIG.yaml``: the paper's protocol end to end, with progress and tables."""
 
 from __future__ import annotations
 
@@ -14,29 +11,6 @@ import typer
 from rich.table import Table
 
 from mudsc.cli.common import console, friendly, progress_bars, report_table, resolve_device
-from mudsc.progress import Progress
-
-
-def _check(cfg: Any) -> str:
-    """Validate the config against its dataset; the one-line summary of what would run."""
-    from mudsc.experiment import check_against_dataset, prepare_dataset
-    from mudsc.hetero import check_hetero
-
-    data = prepare_dataset(cfg)
-    if cfg.kind == "hetero":
-        check_hetero(cfg, data)
-        return f"encoder pairs {list(cfg.hetero.task_pairs)}"
-    splits = check_against_dataset(cfg, data)
-    return f"{cfg.pairs} pair(s), class splits {splits}"
-
-
-def _run(cfg: Any, device: Any, force: bool, progress: Progress) -> dict[str, Any]:
-    """Run the experiment its kind names (paired sources or heterogeneous encoders)."""
-    from mudsc.experiment import run_experiment
-    from mudsc.hetero import run_hetero
-
-    run = run_hetero if cfg.kind == "hetero" else run_experiment
-    return run(cfg, device, force=force, progress=progress)
 
 
 def _summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -85,18 +59,18 @@ def experiment_command(
 
     Interrupted runs resume: finished checkpoints and merge results are reused.
     """
-    from mudsc.experiment_config import load_config
+    from mudsc.experiments import check_experiment, load_config, run_experiment
 
     cfg = load_config(config)
     if output is not None:
         cfg = replace(cfg, output_dir=str(output))
     dev = resolve_device(device)
     if dry_run:
-        console.print(f"{config}: valid; {_check(cfg)}")
+        console.print(f"{config}: valid; {check_experiment(cfg)}")
         return
     start = time.perf_counter()
     with progress_bars() as progress:
-        results = _run(cfg, dev, force, progress)
+        results = run_experiment(cfg, dev, force=force, progress=progress)
     out = Path(cfg.output_dir)
     if cfg.kind == "hetero":
         console.print(_hetero_table(results))

@@ -55,10 +55,10 @@ def _load_pair(a: Path, b: Path, data: str | None, data_dir: Path | None, dev: A
 
 def _batches(pair: _Pair, size: int, batch_size: int, seed: int, dev: Any) -> list[torch.Tensor]:
     """Calibration images from the training split of both tasks' classes."""
-    from mudsc.data import calibration_batches
+    from mudsc.data import draw_calibration
 
     classes = sorted({c for t in pair.tasks for c in t})
-    return calibration_batches(pair.dataset, classes, size, batch_size, seed, dev)
+    return draw_calibration(pair.dataset, classes, size, batch_size, seed, dev).batches
 
 
 def _methods(text: str) -> list[str]:

@@ -26,27 +26,6 @@ def method_help() -> str:
     return "; ".join(f"{name}: {m.description} ({m.reference})" for name, m in METHODS.items())
 
 
-def _calibration(
-    data: Any, classes: list[int], size: int, batch_size: int, seed: int, holdout: float | None
-) -> tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
-    """Seeded calibration images from the tasks' training split, plus an optional
-    labelled held-out slice for scoring alpha."""
-    images, labels = data.subset(classes, split="train")
-    if not 0 < size <= len(images):
-        raise MudscError(
-            f"--calibration-size must be in 1..{len(images)} (training images of classes {classes})"
-        )
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:size]
-    x, y = data.normalize(images[order]), labels[order]
-    held = None
-    if holdout is not None:
-        cut = max(1, int(size * (1 - holdout)))
-        if cut >= size:
-            raise MudscError("--alpha auto needs a calibration set of at least 2 images")
-        x, y, held = x[:cut], y[:cut], (x[cut:], y[cut:])
-    return [x[i : i + batch_size] for i in range(0, len(x), batch_size)], held
-
-
 def _held_out_score(
     held: tuple[torch.Tensor, torch.Tensor] | None,
     head: Any,
@@ -99,7 +78,7 @@ def merge_command(
     """Merge source checkpoints into one model and save it with its merge card."""
     from mudsc.atomic import refuse_existing
     from mudsc.checkpoint import load_checkpoint, save_checkpoint
-    from mudsc.data import load_dataset
+    from mudsc.data import draw_calibration, load_dataset
     from mudsc.merge import merge_models
 
     refuse_existing(output, force)
@@ -115,8 +94,9 @@ def merge_command(
     dataset = load_dataset(name, data_dir)
     classes = sorted({c for t in tasks for c in t}) or list(range(dataset.num_classes))
     auto = METHODS[config.method].uses_alpha and config.alpha == "auto"
-    batches, held = _calibration(dataset, classes, calibration_size, batch_size, config.seed,
-                                 config.holdout if auto else None)  # fmt: skip
+    calibration = draw_calibration(dataset, classes, calibration_size, batch_size, config.seed,
+                                   dev, holdout=config.holdout if auto else None)  # fmt: skip
+    batches, held = calibration.batches, calibration.held
     head = loaded[0].head
     score_fn = _held_out_score(held, head, tasks, dev, batch_size)
     with progress_bars() as progress:

@@ -2,7 +2,7 @@
 
 from mudsc.data.augment import augment, random_crop, random_hflip
 from mudsc.data.base import ImageDataset
-from mudsc.data.batches import calibration_batches, iterate_batches
+from mudsc.data.batches import iterate_batches
 from mudsc.data.calibration import CalibrationSet, draw_calibration
 from mudsc.data.registry import ENV_VAR, dataset_names, load_dataset
 from mudsc.data.subsample import limit_per_class
@@ -13,7 +13,6 @@ __all__ = [
     "CalibrationSet",
     "ImageDataset",
     "augment",
-    "calibration_batches",
     "dataset_names",
     "draw_calibration",
     "iterate_batches",

@@ -1,13 +1,11 @@
-"""Mini-batches from in-memory tensors: for training, evaluation and merge calibration."""
+"""Mini-batches from in-memory tensors, for training and evaluation."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 
 import torch
 
-from mudsc.data.augment import augment as augment_batch
-from mudsc.data.base import ImageDataset
 from mudsc.errors import MudscError
 
 
@@ -50,37 +48,3 @@ def _batches(
             index = order[start : start + batch_size]
             x, y = images[index.to(images.device)], labels[index.to(labels.device)]
         yield (transform(x) if transform is not None else x), y
-
-
-def calibration_batches(
-    dataset: ImageDataset,
-    classes: Sequence[int],
-    n: int,
-    batch_size: int,
-    seed: int,
-    device: torch.device | str,
-    augment: bool = False,
-) -> list[torch.Tensor]:
-    """``n`` normalised training images drawn (seeded) from the given classes, batched.
-
-    These feed the merge's activation statistics; labels are not needed. With ``augment``
-    the dataset's own crop/flip policy is applied after normalisation, so crop padding
-    takes the channel mean rather than black.
-    """
-    images, _ = dataset.subset(classes, split="train")
-    if not 0 < n <= len(images):
-        raise MudscError(
-            f"asked for {n} calibration images but classes {sorted(classes)} have "
-            f"{len(images)} training images; choose 1..{len(images)}"
-        )
-    if batch_size <= 0:
-        raise MudscError(f"batch size must be positive, got {batch_size}")
-    generator = torch.Generator().manual_seed(seed)
-    chosen = images[torch.randperm(len(images), generator=generator)[:n]]
-    batches = []
-    for start in range(0, n, batch_size):
-        x = dataset.normalize(chosen[start : start + batch_size].to(device))
-        if augment:
-            x = augment_batch(x, dataset.crop_padding, dataset.hflip, generator)
-        batches.append(x)
-    return batches

@@ -26,7 +26,8 @@ from mudsc.experiments.pool import Ensure, MergeGroup, SourceJob
 from mudsc.experiments.records import make_key, read_record, state_hash, write_record
 from mudsc.experiments.reports import ReportFiles, mean_std
 from mudsc.experiments.sources import build_model
-from mudsc.merge import METHODS, MergeResult
+from mudsc.merge import MergeResult
+from mudsc.methods import METHODS
 from mudsc.models.head import ClassEmbeddingHead
 from mudsc.progress import Progress
 from mudsc.train import train, train_config_dict
@@ -58,13 +59,9 @@ def train_source(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train one source model (its own seed, its own task's images only)."""
     config = replace(cfg.train, seed=seed)
-    progress(label, 0, config.epochs, "")
     result = train(
         cfg.arch, data, classes, head, config, {**cfg.arch_args, "embed_dim": cfg.embed_dim},
-        device,
-        progress=lambda r: progress(
-            label, int(r["epoch"]), config.epochs, f"acc {100 * r['accuracy']:.1f}%"
-        ),
+        device, progress=progress, stage=label,
     )  # fmt: skip
     return result.model, {"history": result.history, "seconds": result.seconds}
 

@@ -16,7 +16,8 @@ from typing import Any
 import yaml
 
 from mudsc.errors import MudscError
-from mudsc.merge import ALPHA_GRID, MergeConfig, method_names
+from mudsc.merge import ALPHA_GRID, MergeConfig
+from mudsc.methods import method_names
 from mudsc.train import TrainConfig
 
 KINDS = ("classification", "hetero")

@@ -36,7 +36,8 @@ from mudsc.experiments.records import (
 )
 from mudsc.experiments.reports import machine_info, write_report
 from mudsc.experiments.sources import prepare_dataset
-from mudsc.merge import METHODS, MergeConfig, MergeResult, merge_models
+from mudsc.merge import MergeConfig, MergeResult, merge_models
+from mudsc.methods import METHODS
 from mudsc.progress import Progress, quiet
 
 log = logging.getLogger(__name__)
