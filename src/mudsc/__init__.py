@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "trace": "mudsc.spaces",
+    "trace_model": "mudsc.spaces",
+    "TracedModel": "mudsc.spaces",
     "MergeSpec": "mudsc.spaces",
     "merge": "mudsc.merge",
     "merge_models": "mudsc.merge",
