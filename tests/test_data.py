@@ -15,7 +15,10 @@ import torch
 from fixtures_data import IDX_STEMS, idx_bytes, write_cifar_dataset, write_idx_dataset
 
 from mudsc.data import (
+    DATASETS,
     ENV_VAR,
+    ImageDataset,
+    MemorySource,
     augment,
     dataset_names,
     draw_calibration,
@@ -126,8 +129,10 @@ def test_explicit_dir_beats_env(tmp_path: Path, monkeypatch) -> None:
 
 def test_missing_dataset_lists_every_searched_path(tmp_path: Path, monkeypatch) -> None:
     default = tmp_path / "default"
-    source = dataclasses.replace(registry_module._SOURCES["cifar10"], defaults=(default,))
-    monkeypatch.setitem(registry_module._SOURCES, "cifar10", source)
+    datasets = DATASETS.copy()  # a copy, so the changed defaults cannot leak
+    source = dataclasses.replace(datasets.unregister("cifar10"), defaults=(default,))
+    datasets.register(source)
+    monkeypatch.setattr(registry_module, "DATASETS", datasets)
     monkeypatch.setenv(ENV_VAR, str(tmp_path / "env"))
     with pytest.raises(MudscError) as info:
         load_dataset("cifar10")
@@ -157,6 +162,28 @@ def test_unknown_name() -> None:
     assert {"embedded", "fashion-mnist", "mnist", "cifar10", "cifar100"} == set(dataset_names())
     with pytest.raises(MudscError, match="choose one of"):
         load_dataset("imagenet")
+
+
+def _tiny_dataset() -> ImageDataset:
+    images = torch.arange(4 * 1 * 2 * 2, dtype=torch.uint8).reshape(4, 1, 2, 2)
+    labels = torch.tensor([0, 1, 0, 1])
+    return ImageDataset("test-tiny", images, labels, images, labels, ["a", "b"], (0.5,), (0.2,))
+
+
+def test_register_in_memory_dataset_then_unregister(tmp_path: Path) -> None:
+    before = dataset_names()
+    DATASETS.register(MemorySource("test-tiny", _tiny_dataset))
+    try:
+        assert dataset_names() == [*before, "test-tiny"]
+        tiny = load_dataset("Test_Tiny", tmp_path / "ignored")
+        assert tiny.name == "test-tiny" and tiny.class_names == ["a", "b"]
+        with pytest.raises(MudscError, match="a dataset named 'test-tiny' is already registered"):
+            DATASETS.register(MemorySource("test-tiny", _tiny_dataset))
+    finally:
+        DATASETS.unregister("test-tiny")
+    assert dataset_names() == before
+    with pytest.raises(MudscError, match="unknown dataset 'test-tiny'; choose one of"):
+        load_dataset("test-tiny")
 
 
 # --- malformed files ---------------------------------------------------------------------

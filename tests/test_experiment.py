@@ -13,8 +13,16 @@ from fixtures_data import write_cifar_dataset
 from typer.testing import CliRunner
 
 from mudsc.cli import app
+from mudsc.data import ImageDataset
 from mudsc.errors import MudscError
-from mudsc.experiments import check_experiment, classification, runner
+from mudsc.experiments import (
+    POOLS,
+    ExperimentConfig,
+    PoolEntry,
+    check_experiment,
+    classification,
+    runner,
+)
 from mudsc.experiments.classification import pair_tasks
 from mudsc.experiments.config import load_config, parse_config
 from mudsc.methods import method_names
@@ -147,6 +155,43 @@ def test_malformed_configs_fail_clearly(change: dict, message: str) -> None:
     raw = {**MICRO, **change}
     raw = {k: v for k, v in raw.items() if not (k == "dataset" and v is None)}
     with pytest.raises(MudscError, match=message):
+        parse_config(raw)
+
+
+class _TrivialPool:
+    """A kind of experiment with nothing to train or merge (registry tests only)."""
+
+    row_keys = ()
+
+    def __init__(self, cfg: ExperimentConfig, data: ImageDataset, device, progress) -> None:
+        self.cfg, self.data = cfg, data
+
+    def check(self) -> str:
+        return f"trivial over {len(self.data.class_names)} classes, head seed {self.cfg.head_seed}"
+
+
+def test_register_task_pool_kind_then_unregister() -> None:
+    trivial = PoolEntry(
+        "test-trivial",
+        _TrivialPool,
+        keys=("head_seed",),
+        fields=lambda raw: {"head_seed": raw.get("head_seed", 0)},
+        embed_dim=8,
+    )
+    raw = {"kind": "test-trivial", "dataset": "embedded", "arch": "mlp", "head_seed": 3}
+    POOLS.register(trivial)
+    try:
+        cfg = parse_config(raw)
+        assert (cfg.kind, cfg.embed_dim, cfg.head_seed, cfg.hetero) == ("test-trivial", 8, 3, None)
+        assert check_experiment(cfg) == "trivial over 10 classes, head seed 3"
+        with pytest.raises(MudscError, match=r"unknown config key 'pairs' \(kind 'test-trivial'\)"):
+            parse_config({**raw, "pairs": 2})
+        with pytest.raises(MudscError, match="an experiment kind named 'test-trivial' is already"):
+            POOLS.register(trivial)
+    finally:
+        POOLS.unregister("test-trivial")
+    assert POOLS.names() == ["classification", "hetero"]
+    with pytest.raises(MudscError, match="'kind': 'test-trivial' is not valid; choose one of"):
         parse_config(raw)
 
 

@@ -11,7 +11,15 @@ import torch.fx
 from safetensors.torch import save_file
 
 from mudsc.errors import MudscError
-from mudsc.models import ClassEmbeddingHead, create, names, register, registry
+from mudsc.models import (
+    MODELS,
+    ClassEmbeddingHead,
+    ModelEntry,
+    create,
+    names,
+    register,
+    registry,
+)
 
 # Small widths so the whole file runs in seconds on a CPU.
 SMALL = {
@@ -102,7 +110,7 @@ def test_bad_kwargs_raise(name: str, kwargs: dict, word: str) -> None:
 
 def test_register_custom_model_and_duplicate(monkeypatch: pytest.MonkeyPatch) -> None:
     # Register into a copy so the test model does not leak into other tests' names().
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry, "MODELS", registry.MODELS.copy())
 
     @register("test-tiny-linear")
     def tiny(in_channels: int = 3, image_size: int = 32, embed_dim: int = 512) -> torch.nn.Module:
@@ -112,8 +120,27 @@ def test_register_custom_model_and_duplicate(monkeypatch: pytest.MonkeyPatch) ->
 
     assert "test-tiny-linear" in names()
     assert create("test-tiny-linear", embed_dim=7)(torch.zeros(1, 3, 32, 32)).shape == (1, 7)
-    with pytest.raises(MudscError, match="already registered"):
+    with pytest.raises(MudscError, match="an architecture named 'test-tiny-linear' is already"):
         register("test-tiny-linear")(tiny)
+
+
+def test_register_then_unregister_leaves_zoo_unchanged() -> None:
+    before = names()
+
+    @register("test-tiny-flatten")
+    def tiny(in_channels: int = 1, image_size: int = 4, embed_dim: int = 3) -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(in_channels * image_size**2, embed_dim)
+        )
+
+    try:
+        assert MODELS["test-tiny-flatten"] == ModelEntry("test-tiny-flatten", tiny)
+        assert create("test-tiny-flatten")(torch.zeros(2, 1, 4, 4)).shape == (2, 3)
+    finally:
+        MODELS.unregister("test-tiny-flatten")
+    assert names() == before
+    with pytest.raises(MudscError, match="unknown architecture 'test-tiny-flatten'"):
+        create("test-tiny-flatten")
 
 
 # ---------------------------------------------------------------- class-embedding head

@@ -45,8 +45,10 @@ class Registry(Generic[T]):
     def register(self, entry: T) -> T:
         """Add ``entry`` under its name (names are unique); returns it."""
         if entry.name in self._entries:
+            article = "an" if self.kind[:1] in "aeiou" else "a"
             raise MudscError(
-                f"a {self.kind} named {entry.name!r} is already registered; pick another name"
+                f"{article} {self.kind} named {entry.name!r} is already registered; "
+                "pick another name"
             )
         self._entries[entry.name] = entry
         return entry

@@ -20,7 +20,6 @@ from mudsc.merge import ALPHA_GRID, MergeConfig
 from mudsc.methods import method_names
 from mudsc.train import TrainConfig
 
-KINDS = ("classification", "hetero")
 HETERO_TASKS = ("classification", "autoencode", "denoise", "rotation")
 # MergeConfig fields the experiment sets itself (top-level keys, the device, the
 # calibration split); every other field may be set under ``merge:``.
@@ -236,6 +235,11 @@ def _grid(raw: Any) -> tuple[float, ...]:
     return tuple(_number(f"alpha_grid[{i}]", v, 0.0, 1.0) for i, v in enumerate(raw))
 
 
+def hetero_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``hetero`` kind's keys (:data:`HETERO_KEYS`) as ExperimentConfig fields."""
+    return {"hetero": _hetero(raw)}
+
+
 def _hetero(raw: Mapping[str, Any]) -> HeteroSettings:
     tasks_raw = raw.get("tasks", list(HETERO_TASKS))
     if not isinstance(tasks_raw, list) or len(tasks_raw) < 2:
@@ -275,10 +279,8 @@ _COMMON = (
     "train_images_per_class", "test_images_per_class", "methods", "alpha", "alpha_grid",
     "merge", "calibration", "eval_batch_size", "output_dir",
 )  # fmt: skip
-_KIND_KEYS = {
-    "classification": ("head_seed", "split", "pairs", "split_seeds", "model_seeds"),
-    "hetero": ("tasks", "task_pairs", "seeds", "noise_std", "keep_heads"),
-}
+CLASSIFICATION_KEYS = ("head_seed", "split", "pairs", "split_seeds", "model_seeds")
+HETERO_KEYS = ("tasks", "task_pairs", "seeds", "noise_std", "keep_heads")
 
 
 def _pairs_and_seeds(raw: Mapping[str, Any]) -> tuple[int, tuple[int, ...], tuple]:
@@ -309,12 +311,27 @@ def _pairs_and_seeds(raw: Mapping[str, Any]) -> tuple[int, tuple[int, ...], tupl
     return pairs, split_seeds, model_seeds
 
 
+def classification_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``classification`` kind's keys (:data:`CLASSIFICATION_KEYS`) as config fields."""
+    pairs, split_seeds, model_seeds = _pairs_and_seeds(raw)
+    return {
+        "head_seed": _int("head_seed", raw.get("head_seed", 0)),
+        "split": raw.get("split", "5+5"),
+        "pairs": pairs,
+        "split_seeds": split_seeds,
+        "model_seeds": model_seeds,
+    }
+
+
 def parse_config(raw: Any, name: str = "experiment") -> ExperimentConfig:
     """Validate a parsed YAML mapping into an :class:`ExperimentConfig`."""
     if not isinstance(raw, Mapping):
         raise MudscError("an experiment config must be a YAML mapping of keys to values")
-    kind = _choice("kind", raw.get("kind", "classification"), KINDS)
-    allowed = _COMMON + _KIND_KEYS[kind]
+    from mudsc.experiments.runner import POOLS  # the runner imports this module
+
+    kind = _choice("kind", raw.get("kind", "classification"), POOLS.names())
+    pool = POOLS[kind]
+    allowed = _COMMON + pool.keys
     unknown = [k for k in raw if k not in allowed]
     if unknown:
         raise MudscError(
@@ -348,9 +365,7 @@ def parse_config(raw: Any, name: str = "experiment") -> ExperimentConfig:
         "data_dir": _optional(_str)("data_dir", raw.get("data_dir")),
         "arch": arch,
         "arch_args": dict(arch_args),
-        "embed_dim": _int(
-            "embed_dim", raw.get("embed_dim", 512 if kind == "classification" else 64), 1
-        ),
+        "embed_dim": _int("embed_dim", raw.get("embed_dim", pool.embed_dim), 1),
         "train": _train(raw.get("train")),
         "train_images_per_class": _optional(_int)(
             "train_images_per_class", raw.get("train_images_per_class"), 1
@@ -366,17 +381,7 @@ def parse_config(raw: Any, name: str = "experiment") -> ExperimentConfig:
         "eval_batch_size": _int("eval_batch_size", raw.get("eval_batch_size", 500), 1),
     }
     values["output_dir"] = _str("output_dir", raw.get("output_dir", f"runs/{values['name']}"))
-    if kind == "classification":
-        pairs, split_seeds, model_seeds = _pairs_and_seeds(raw)
-        values.update(
-            head_seed=_int("head_seed", raw.get("head_seed", 0)),
-            split=raw.get("split", "5+5"),
-            pairs=pairs,
-            split_seeds=split_seeds,
-            model_seeds=model_seeds,
-        )
-    else:
-        values["hetero"] = _hetero(raw)
+    values.update(pool.fields(raw))
     return ExperimentConfig(**values)
 
 

@@ -3,7 +3,8 @@
 One runner for every kind of experiment: it cleans leftovers, copies the config, reuses
 or makes each source, merges every group with every method (each merge one resumable
 record), and writes results.{json,md,csv,png}.  What differs between kinds lives in a
-:class:`~mudsc.experiments.pool.TaskPool`.
+:class:`~mudsc.experiments.pool.TaskPool`; each kind is one :class:`PoolEntry` in
+:data:`POOLS`, which is also where the config's ``kind`` choices come from.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import datetime
 import json
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,15 @@ import yaml
 from torch import Tensor, nn
 
 from mudsc.atomic import atomic_write_text
+from mudsc.data import ImageDataset
 from mudsc.experiments.classification import ClassificationPool
-from mudsc.experiments.config import ExperimentConfig
+from mudsc.experiments.config import (
+    CLASSIFICATION_KEYS,
+    HETERO_KEYS,
+    ExperimentConfig,
+    classification_fields,
+    hetero_fields,
+)
 from mudsc.experiments.hetero import HeteroPool
 from mudsc.experiments.pool import MergeGroup, SourceJob, TaskPool
 from mudsc.experiments.records import (
@@ -39,18 +47,45 @@ from mudsc.experiments.sources import prepare_dataset
 from mudsc.merge import MergeConfig, MergeResult, merge_models
 from mudsc.methods import METHODS
 from mudsc.progress import Progress, quiet
+from mudsc.registry import Registry
 
 log = logging.getLogger(__name__)
 
-POOLS: dict[str, Callable[..., TaskPool]] = {
-    "classification": ClassificationPool,
-    "hetero": HeteroPool,
-}
+
+@dataclass(frozen=True)
+class PoolEntry:
+    """One kind of experiment: its task pool and the config keys only that kind accepts.
+
+    ``fields`` turns those keys of the raw config into :class:`ExperimentConfig` fields;
+    ``embed_dim`` is the kind's default embedding width.
+    """
+
+    name: str
+    factory: Callable[[ExperimentConfig, ImageDataset, Any, Progress], TaskPool]
+    keys: tuple[str, ...]
+    fields: Callable[[Mapping[str, Any]], dict[str, Any]]
+    embed_dim: int
+
+
+POOLS: Registry[PoolEntry] = Registry(
+    "experiment kind",
+    "kinds",
+    [
+        PoolEntry(
+            "classification",
+            ClassificationPool,
+            CLASSIFICATION_KEYS,
+            classification_fields,
+            embed_dim=512,
+        ),
+        PoolEntry("hetero", HeteroPool, HETERO_KEYS, hetero_fields, embed_dim=64),
+    ],
+)
 
 
 def make_pool(cfg: ExperimentConfig, device: Any, progress: Progress) -> TaskPool:
     """The config's kind of experiment over its (subsampled) data, checked against it."""
-    return POOLS[cfg.kind](cfg, prepare_dataset(cfg), device, progress)
+    return POOLS[cfg.kind].factory(cfg, prepare_dataset(cfg), device, progress)
 
 
 def check_experiment(cfg: ExperimentConfig) -> str:

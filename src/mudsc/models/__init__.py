@@ -6,16 +6,18 @@ Every zoo model maps an image batch to a (B, embed_dim) embedding ending in a pl
 
 from mudsc.models.head import ClassEmbeddingHead
 from mudsc.models.mlp import MLP
-from mudsc.models.registry import create, names, register
+from mudsc.models.registry import MODELS, ModelEntry, create, names, register
 from mudsc.models.resnet import ResNet20, ResNet20GN, ResNet50
 from mudsc.models.vgg import VGG11, VGG11BN
 from mudsc.models.vit import ViT
 
 __all__ = [
     "MLP",
+    "MODELS",
     "VGG11",
     "VGG11BN",
     "ClassEmbeddingHead",
+    "ModelEntry",
     "ResNet20",
     "ResNet20GN",
     "ResNet50",

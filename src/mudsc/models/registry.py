@@ -1,4 +1,4 @@
-"""Name -> model factory registry, plus the argument checks shared by the zoo.
+"""The model zoo's registry (name -> factory), plus the argument checks shared by the zoo.
 
 Checkpoints store an architecture by name and keyword arguments, so every model must be
 rebuildable from ``create(name, **config)``; keeping the lookup and the argument checks in
@@ -9,24 +9,33 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from torch import nn
 
 from mudsc.errors import MudscError
+from mudsc.registry import Registry
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One zoo architecture: its name and the class (or function) that builds it."""
+
+    name: str
+    factory: Callable[..., nn.Module]
+
+
+MODELS: Registry[ModelEntry] = Registry("architecture", "names")
 
 
 def register(name: str) -> Callable[[F], F]:
     """Decorator registering a model class (or factory) under ``name`` for :func:`create`."""
 
     def decorator(factory: F) -> F:
-        if name in _REGISTRY:
-            raise MudscError(f"model name {name!r} is already registered; pick another name")
-        _REGISTRY[name] = factory
+        MODELS.register(ModelEntry(name, factory))
         return factory
 
     return decorator
@@ -34,14 +43,12 @@ def register(name: str) -> Callable[[F], F]:
 
 def names() -> list[str]:
     """Sorted names of every registered architecture."""
-    return sorted(_REGISTRY)
+    return sorted(MODELS.names())
 
 
 def create(name: str, **kwargs: object) -> nn.Module:
     """Build the architecture registered as ``name`` with keyword arguments ``kwargs``."""
-    if name not in _REGISTRY:
-        raise MudscError(f"unknown architecture {name!r}; valid names: {', '.join(names())}")
-    factory = _REGISTRY[name]
+    factory = MODELS.get(name).factory
     params = inspect.signature(factory).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     unknown = [k for k in kwargs if k not in params]
