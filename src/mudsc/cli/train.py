@@ -60,14 +60,13 @@ def train_command(
     from mudsc.atomic import refuse_existing
     from mudsc.checkpoint import save_checkpoint
     from mudsc.data import load_dataset
-    from mudsc.models import names
+    from mudsc.models import MODELS
     from mudsc.models.head import ClassEmbeddingHead
     from mudsc.train import train, train_config_dict
 
     refuse_existing(output, force)
     dev = resolve_device(device)
-    if arch not in names():  # before the (slow) dataset load
-        raise MudscError(f"unknown architecture {arch!r}; valid names: {', '.join(names())}")
+    MODELS.get(arch)  # an unknown name fails here, before the (slow) dataset load
     config = TrainConfig(**settings)
     data = load_dataset(dataset, data_dir)
     classes = _classes(data.num_classes, task, split, split_seed, task_index)
