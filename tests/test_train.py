@@ -10,8 +10,9 @@ from fixtures_data import write_idx_dataset
 
 from mudsc.data import ImageDataset, load_dataset
 from mudsc.errors import MudscError
+from mudsc.models import create
 from mudsc.models.head import ClassEmbeddingHead
-from mudsc.train import TrainConfig, lr_at, train, train_config_dict
+from mudsc.train import TrainConfig, fit, lr_at, sgd, train, train_config_dict
 
 EMBED = 16
 ARCH_ARGS = {"hidden": 32, "depth": 2}
@@ -174,3 +175,50 @@ def test_config_record_is_json_ready() -> None:
     record = train_config_dict(QUICK)
     assert record["lr"] == 0.05 and record["epochs"] == 3 and record["crop_padding"] is None
     assert TrainConfig(**record) == QUICK
+
+
+def test_sgd_decays_matrices_only_and_spares_vit_tokens_unless_told() -> None:
+    vit = create("vit", in_channels=1, image_size=8, embed_dim=EMBED)
+    names = {id(p): n for n, p in vit.named_parameters()}
+
+    def undecayed(optimizer: torch.optim.SGD) -> set[str]:
+        decay, no_decay = optimizer.param_groups
+        assert decay["weight_decay"] == QUICK.weight_decay and no_decay["weight_decay"] == 0.0
+        assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+        return {names[id(p)] for p in no_decay["params"]}
+
+    vectors = {n for n, p in vit.named_parameters() if p.ndim <= 1}
+    assert vectors and undecayed(sgd([vit], QUICK)) == vectors | {"cls_token", "pos_embed"}
+    assert undecayed(sgd([vit], QUICK, exempt=())) == vectors
+
+
+def test_fit_averages_loss_and_sums_per_image_and_reports_each_epoch() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    x, y = torch.randn(10, 3), torch.randn(10, 1)
+    config = TrainConfig(epochs=2, batch_size=4, lr=0.01, warmup_epochs=0)
+    batches: list[list[int]] = []
+
+    def batch_loss(idx: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        assert model.training
+        batches.append(idx.tolist())
+        return ((model(x[idx]) - y[idx]) ** 2).mean(), {"ones": float(len(idx))}
+
+    heard: list[tuple] = []
+    fitted = fit([model], sgd([model], config), 10, config, batch_loss,
+                 torch.Generator().manual_seed(0), lambda *a: heard.append(a), "fit")  # fmt: skip
+    assert [len(b) for b in batches] == [4, 4, 2] * 2
+    assert sorted(sum(batches[:3], [])) == list(range(10))  # every image once per epoch
+    assert [(r["epoch"], r["ones"]) for r in fitted.history] == [(1, 1.0), (2, 1.0)]
+    assert [h[:3] for h in heard] == [("fit", e, 2) for e in range(3)]
+    assert heard[-1][3] == f"loss {fitted.history[-1]['loss']:.3f}"  # no accuracy to show
+    assert not model.training and fitted.seconds > 0
+
+
+def test_fit_names_the_stage_that_diverged() -> None:
+    model = torch.nn.Linear(1, 1)
+    config = TrainConfig(epochs=1, batch_size=2)
+    with pytest.raises(MudscError, match="^encoder: training diverged at epoch 1"):
+        fit([model], sgd([model], config), 2, config,
+            lambda idx: (model(torch.full((len(idx), 1), float("nan"))).mean(), {}),
+            torch.Generator(), lambda *a: None, "encoder")  # fmt: skip

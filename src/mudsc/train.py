@@ -9,22 +9,24 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from mudsc.data import ImageDataset, augment, validate_classes
 from mudsc.errors import MudscError
 from mudsc.models import create
 from mudsc.models.head import ClassEmbeddingHead
-from mudsc.progress import Progress
+from mudsc.modes import train_mode
+from mudsc.progress import Progress, quiet
 
 log = logging.getLogger(__name__)
 
 TRAIN_SCALE = 100.0
+VIT_TOKENS = ("cls_token", "pos_embed")
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,18 @@ class TrainResult:
     images_per_second: float = 0.0
 
 
+@dataclass(frozen=True)
+class Fitted:
+    """What :func:`fit` records: one ``{"epoch", "loss", ...}`` dict per epoch, wall time."""
+
+    history: list[dict[str, float]]
+    seconds: float
+
+
+BatchLoss = Callable[[Tensor], tuple[Tensor, dict[str, float]]]
+"""``batch_loss(indices) -> (mean loss, per-batch sums to average per image)``."""
+
+
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
     """Linear warm-up from 0 to ``peak``, then linear decay to 0 at ``total_steps``."""
     if warmup_steps > 0 and step < warmup_steps:
@@ -123,14 +137,38 @@ def train(
     lookup = torch.full((dataset.num_classes,), -1, dtype=torch.long)
     lookup[torch.tensor(classes)] = torch.arange(len(classes))
     targets_all = lookup[labels]
+    padding = dataset.crop_padding if config.crop_padding is None else config.crop_padding
+    aug_gen = torch.Generator().manual_seed(config.seed + 1)
+    loss_fn = nn.CrossEntropyLoss()
 
-    steps_per_epoch = math.ceil(len(images) / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    warmup = round(config.warmup_epochs * steps_per_epoch)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed")) else decay).append(p)
-    optimizer = torch.optim.SGD(
+    def batch_loss(idx: Tensor) -> tuple[Tensor, dict[str, float]]:
+        x = dataset.normalize(images[idx].to(device))
+        if config.augment:
+            x = augment(x, padding, dataset.hflip, aug_gen)
+        y = targets_all[idx].to(device)
+        logits = head(model(x), classes, scale=TRAIN_SCALE)
+        return loss_fn(logits, y), {"accuracy": (logits.argmax(1) == y).sum().item()}
+
+    fitted = fit(
+        [model], sgd([model], config), len(images), config, batch_loss,
+        torch.Generator().manual_seed(config.seed), progress or quiet, stage,
+    )  # fmt: skip
+    ips = len(images) * config.epochs / max(fitted.seconds, 1e-9)
+    return TrainResult(model, fitted.history, fitted.seconds, ips)
+
+
+def sgd(
+    models: Sequence[nn.Module], config: TrainConfig, exempt: tuple[str, ...] = VIT_TOKENS
+) -> torch.optim.SGD:
+    """SGD with momentum whose weight decay falls on weight matrices only: never on vectors
+    (biases, norm scales), nor on parameters named ``*<one of exempt>`` (a ViT's class token
+    and position embedding are learned inputs, not weights to shrink)."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for model in models:
+        for name, p in model.named_parameters():
+            (no_decay if p.ndim <= 1 or name.endswith(exempt) else decay).append(p)
+    return torch.optim.SGD(
         [
             {"params": decay, "weight_decay": config.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
@@ -138,54 +176,71 @@ def train(
         lr=config.lr,
         momentum=config.momentum,
     )
-    padding = dataset.crop_padding if config.crop_padding is None else config.crop_padding
-    gen = torch.Generator().manual_seed(config.seed)
-    aug_gen = torch.Generator().manual_seed(config.seed + 1)
-    loss_fn = nn.CrossEntropyLoss()
-    result = TrainResult(model=model)
+
+
+def fit(
+    models: Sequence[nn.Module],
+    optimizer: torch.optim.Optimizer,
+    n_images: int,
+    config: TrainConfig,
+    batch_loss: BatchLoss,
+    generator: torch.Generator,
+    progress: Progress,
+    stage: str,
+) -> Fitted:
+    """The one training loop: ``config.epochs`` passes over ``n_images`` images in an order
+    shuffled by ``generator``, one :func:`lr_at`-scheduled ``optimizer`` step per batch.
+
+    ``batch_loss(indices)`` returns the batch's mean loss and per-batch sums (e.g. correct
+    predictions) that the epoch record averages per image. A non-finite loss stops training
+    with an error. ``progress`` hears ``(stage, epoch, epochs, note)`` at the start (epoch 0)
+    and after every epoch; the models come back in eval mode, ready for inference.
+    """
+    steps_per_epoch = math.ceil(n_images / config.batch_size)
+    total = steps_per_epoch * config.epochs
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    history: list[dict[str, float]] = []
     start = time.perf_counter()
     step = 0
-    if progress is not None:
-        progress(stage, 0, config.epochs)
-    model.train()
-    for epoch in range(config.epochs):
-        order = torch.randperm(len(images), generator=gen)
-        seen, loss_sum, correct = 0, 0.0, 0
-        for i in range(0, len(order), config.batch_size):
-            idx = order[i : i + config.batch_size]
-            x = dataset.normalize(images[idx].to(device))
-            if config.augment:
-                x = augment(x, padding, dataset.hflip, aug_gen)
-            y = targets_all[idx].to(device)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total, warmup, config.lr)
-            logits = head(model(x), classes, scale=TRAIN_SCALE)
-            loss = loss_fn(logits, y)
-            if not torch.isfinite(loss):
-                raise MudscError(
-                    f"training diverged at epoch {epoch + 1} (loss {loss.item()}); lower --lr"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            seen += len(idx)
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y).sum().item()
-        record = {"epoch": epoch + 1, "loss": loss_sum / seen, "accuracy": correct / seen}
-        result.history.append(record)
-        log.info("epoch %d: loss %.4f acc %.4f", epoch + 1, record["loss"], record["accuracy"])
-        if progress is not None:
-            progress(stage, epoch + 1, config.epochs, epoch_note(record))
-    result.seconds = time.perf_counter() - start
-    result.images_per_second = len(images) * config.epochs / max(result.seconds, 1e-9)
-    model.eval()
-    return result
+    progress(stage, 0, config.epochs, "")
+    with train_mode(*models):
+        for epoch in range(1, config.epochs + 1):
+            order = torch.randperm(n_images, generator=generator)
+            loss_sum = 0.0
+            sums: dict[str, float] = {}
+            for i in range(0, n_images, config.batch_size):
+                idx = order[i : i + config.batch_size]
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, total, warmup, config.lr)
+                loss, batch_sums = batch_loss(idx)
+                if not torch.isfinite(loss):
+                    raise MudscError(
+                        f"{stage}: training diverged at epoch {epoch} (loss {loss.item()}); "
+                        "lower the learning rate (--lr, or train.lr in a config)"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                loss_sum += loss.item() * len(idx)
+                for key, value in batch_sums.items():
+                    sums[key] = sums.get(key, 0) + value
+            record = {"epoch": epoch, "loss": loss_sum / n_images}
+            record.update({key: value / n_images for key, value in sums.items()})
+            history.append(record)
+            log.info("%s epoch %d: %s", stage, epoch, epoch_note(record))
+            progress(stage, epoch, config.epochs, epoch_note(record))
+    for model in models:
+        model.eval()
+    return Fitted(history, time.perf_counter() - start)
 
 
 def epoch_note(record: dict[str, float]) -> str:
     """One epoch's record as the short note a progress bar shows."""
-    return f"loss {record['loss']:.3f} acc {100 * record['accuracy']:.1f}%"
+    note = f"loss {record['loss']:.3f}"
+    if "accuracy" in record:
+        note += f" acc {100 * record['accuracy']:.1f}%"
+    return note
 
 
 def train_config_dict(config: TrainConfig) -> dict[str, Any]:

@@ -1,16 +1,14 @@
 """Training (or reusing) one encoder with its task decoder, for the heterogeneous experiment.
 
-The loop follows :func:`mudsc.train.train`'s recipe (SGD with momentum, weight decay on
-matrices only, :func:`mudsc.train.lr_at` warm-up and decay) on every training image, with
-the task's own inputs, targets and loss.
+Training runs :func:`mudsc.train.fit`, the loop of :func:`mudsc.train.train` (SGD with
+momentum, weight decay on matrices only, :func:`mudsc.train.lr_at` warm-up and decay), on
+every training image, with the task's own inputs, targets and loss.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
 from mudsc.atomic import atomic_directory
 from mudsc.checkpoint import load_checkpoint, save_checkpoint
@@ -29,9 +27,8 @@ from mudsc.experiments.hetero_tasks import make_decoder, task_batch, task_loss
 from mudsc.experiments.pool import SourceJob
 from mudsc.experiments.records import make_key
 from mudsc.experiments.sources import build_model
-from mudsc.modes import train_mode
 from mudsc.progress import Progress
-from mudsc.train import lr_at, train_config_dict
+from mudsc.train import fit, sgd, train_config_dict
 
 log = logging.getLogger(__name__)
 
@@ -41,59 +38,36 @@ RECORD_FILE = "task.json"
 TaskModels = tuple[nn.Module, nn.Module]  # (encoder, decoder)
 
 
-def _sgd(models: list[nn.Module], cfg: ExperimentConfig) -> torch.optim.SGD:
-    params = [p for m in models for p in m.parameters()]
-    return torch.optim.SGD(
-        [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.train.weight_decay},
-         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-        lr=cfg.train.lr, momentum=cfg.train.momentum,
-    )  # fmt: skip
-
-
 def train_task(
     cfg: ExperimentConfig, data: ImageDataset, task: str, seed: int, device: Any,
     progress: Progress, label: str,
 ) -> tuple[nn.Module, nn.Module, dict[str, Any]]:  # fmt: skip
-    """Train an encoder with its task decoder, jointly, on all training images."""
+    """Train an encoder with its task decoder, jointly, on all training images.
+
+    One generator (``seed``) draws the order, the augmentation and the task's own noise or
+    rotations, in that order per batch.
+    """
     tc, hetero = cfg.train, cfg.hetero
     assert hetero is not None
     torch.manual_seed(seed)
     encoder = build_model(cfg, data).to(device)
     decoder = make_decoder(task, cfg.embed_dim, data).to(device)
-    optimizer = _sgd([encoder, decoder], cfg)
     images, labels = data.train_images, data.train_labels
-    steps = math.ceil(len(images) / tc.batch_size)
-    total, warmup = steps * tc.epochs, round(tc.warmup_epochs * steps)
     gen = torch.Generator().manual_seed(seed)
     padding = data.crop_padding if tc.crop_padding is None else tc.crop_padding
-    history, step, start = [], 0, time.perf_counter()
-    progress(label, 0, tc.epochs, "")
-    with train_mode(encoder, decoder):
-        for epoch in range(tc.epochs):
-            order = torch.randperm(len(images), generator=gen)
-            loss_sum = 0.0
-            for i in range(0, len(order), tc.batch_size):
-                idx = order[i : i + tc.batch_size]
-                x = data.normalize(images[idx].to(device))
-                if tc.augment:
-                    x = augment(x, padding, data.hflip, gen)
-                inputs, targets = task_batch(task, x, labels[idx], gen, hetero.noise_std)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(step, total, warmup, tc.lr)
-                loss = task_loss(task, decoder(encoder(inputs)), targets)
-                if not torch.isfinite(loss):
-                    raise MudscError(f"training the {task} encoder diverged at epoch "
-                                     f"{epoch + 1}; lower train.lr")  # fmt: skip
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                loss_sum += loss.item() * len(idx)
-            history.append({"epoch": epoch + 1, "loss": loss_sum / len(images)})
-            progress(label, epoch + 1, tc.epochs, f"loss {history[-1]['loss']:.3f}")
-    encoder.eval()
-    decoder.eval()
-    return encoder, decoder, {"history": history, "seconds": time.perf_counter() - start}
+
+    def batch_loss(idx: Tensor) -> tuple[Tensor, dict[str, float]]:
+        x = data.normalize(images[idx].to(device))
+        if tc.augment:
+            x = augment(x, padding, data.hflip, gen)
+        inputs, targets = task_batch(task, x, labels[idx], gen, hetero.noise_std)
+        return task_loss(task, decoder(encoder(inputs)), targets), {}
+
+    # Weight decay on every matrix, a ViT's tokens included (exempt=()): changing the rule
+    # would change trained encoders that task_key says are still valid.
+    optimizer = sgd([encoder, decoder], tc, exempt=())
+    fitted = fit([encoder, decoder], optimizer, len(images), tc, batch_loss, gen, progress, label)
+    return encoder, decoder, {"history": fitted.history, "seconds": fitted.seconds}
 
 
 def task_key(cfg: ExperimentConfig, task: str, seed: int) -> dict[str, Any]:
