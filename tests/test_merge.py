@@ -1,4 +1,4 @@
-"""The merge engine (ALGORITHM.md sections 4-7) on tiny float64 models of the whole zoo.
+"""The merge engine (docs/ALGORITHM.md sections 4-7) on tiny float64 models of the whole zoo.
 
 Exact recovery is the property every method but ``avg`` must have: merging a model with
 randomly permuted copies of itself returns the model.  It is provable only where the
@@ -426,7 +426,7 @@ def test_sweep_order_is_seeded_and_new_each_sweep(monkeypatch) -> None:
 
 
 def _plain_sweeps(models, spec: MergeSpec, cfg: MergeConfig) -> dict[str, Match]:
-    """ALGORITHM.md section 5's weight sweeps written plainly: every similarity from
+    """docs/ALGORITHM.md section 5's weight sweeps written plainly: every similarity from
     scratch, every space solved at every visit (weight-only methods, no tied spaces)."""
     method = METHODS[cfg.method]
     kind = method.similarity_record.weights

@@ -1,4 +1,4 @@
-"""Normalisation statistics after merging (ALGORITHM.md section 7): REPAIR hits its targets,
+"""Normalisation statistics after merging (docs/ALGORITHM.md section 7): REPAIR hits its targets,
 BatchNorm reset equals one cumulative pass, repair="none" changes nothing, mode choice."""
 
 from __future__ import annotations

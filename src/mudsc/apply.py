@@ -1,4 +1,4 @@
-"""Applying merge matrices to weights (ALGORITHM.md section 6).
+"""Applying merge matrices to weights (docs/ALGORITHM.md section 6).
 
 One transform serves two callers: the weight similarity (re-expressing a model's
 neighbour axes in the merged basis, Git Re-Basin's trick) and the final merge.  Keeping a

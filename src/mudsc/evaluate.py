@@ -1,4 +1,4 @@
-"""The paper's evaluation protocol (ALGORITHM.md section 8): joint, per-task and average accuracy.
+"""The paper's evaluation protocol (docs/ALGORITHM.md section 8): joint, per-task, average.
 
 A single model (source or merged) is scored over the union of the tasks' classes; an
 ensemble lets each model score its own task's classes with softmax(100 cos) and the most

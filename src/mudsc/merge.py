@@ -1,7 +1,7 @@
 """Merging: one validated config, one result record, and the pipeline over the stages.
 
 trace -> statistics -> similarity -> solve -> (weight sweeps) -> apply -> repair
-(ALGORITHM.md section 5).  A method is a record in :data:`mudsc.methods.METHODS` naming
+(docs/ALGORITHM.md section 5).  A method is a record in :data:`mudsc.methods.METHODS` naming
 its similarity and solver; nothing is chosen by substrings of a name or by flags.
 """
 

@@ -1,4 +1,4 @@
-"""Partial merging (ZipIt!'s partial zip, ALGORITHM.md section 6): one merged trunk, N heads.
+"""Partial merging (ZipIt!'s partial zip, docs/ALGORITHM.md section 6): one merged trunk, N heads.
 
 The model's torch.fx graph (the one the tracer analyses) is cut in two at a stop point:
 

@@ -1,4 +1,4 @@
-"""Renormalisation after merging (ALGORITHM.md section 7): BatchNorm reset and REPAIR.
+"""Renormalisation after merging (docs/ALGORITHM.md section 7): BatchNorm reset and REPAIR.
 
 Averaging matched units shrinks activation variance layer after layer.  BatchNorm
 networks re-estimate their running statistics (one cumulative pass); networks without

@@ -1,4 +1,4 @@
-"""Activation statistics per merge space (ALGORITHM.md 3.1): first and second moments.
+"""Activation statistics per merge space (docs/ALGORITHM.md 3.1): first and second moments.
 
 All models see the same calibration batches; the features each space's taps observe are
 stacked along channels (model 0's units first), every other axis being an observation.

@@ -1,4 +1,4 @@
-"""The matching engine: the initial solution and the weight sweeps (ALGORITHM.md section 5).
+"""The matching engine: the initial solution and the weight sweeps (docs/ALGORITHM.md section 5).
 
 Spaces are solved in *solve groups*: a space alone, or the spaces tied in block order (an
 attention layer's q/k and v), which share one block pairing.  The weight sweeps are

@@ -1,4 +1,4 @@
-"""Training source models on one task's classes (the paper's recipe, ALGORITHM.md section 8).
+"""Training source models on one task's classes (the paper's recipe, docs/ALGORITHM.md section 8).
 
 Each model sees only its own task's images and scores only its own task's classes through
 the shared frozen class embeddings, so merged models land in one common output space.

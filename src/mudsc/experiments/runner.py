@@ -1,4 +1,4 @@
-"""The paper's protocol end to end (ALGORITHM.md section 8): make sources, merge, report.
+"""The paper's protocol end to end (docs/ALGORITHM.md section 8): make sources, merge, report.
 
 One runner for every kind of experiment: it cleans leftovers, copies the config, reuses
 or makes each source, merges every group with every method (each merge one resumable

@@ -1,4 +1,4 @@
-"""Do the weight space and the activation space agree? (ALGORITHM.md section 3.3).
+"""Do the weight space and the activation space agree? (docs/ALGORITHM.md section 3.3).
 
 MuDSC's premise is that units alike in only one space are not really alike.  Per merge
 space this module measures:

@@ -49,7 +49,7 @@ from mudsc.spaces import MergeSpec
 
 log = logging.getLogger(__name__)
 
-LOSS_SCALE = 100.0  # cosine-logit scale used in training (ALGORITHM.md section 8)
+LOSS_SCALE = 100.0  # cosine-logit scale used in training (docs/ALGORITHM.md section 8)
 VARIANTS = ("naive", "aligned", "aligned + renorm")
 RENORM_LABELS = {"bn": "BN reset", "repair": "REPAIR", "none": "no renormalisation"}
 

@@ -1,4 +1,4 @@
-"""Loss landscape around merged models (ALGORITHM.md section 8, last item).
+"""Loss landscape around merged models (docs/ALGORITHM.md section 8, last item).
 
 What is drawn
 -------------

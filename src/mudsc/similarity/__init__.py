@@ -1,4 +1,4 @@
-"""Similarity matrices over the stacked units of all models (ALGORITHM.md section 3).
+"""Similarity matrices over the stacked units of all models (docs/ALGORITHM.md section 3).
 
 Every similarity is an (N*n) x (N*n) float64 matrix, model 0's units first.  The pipeline
 finds them by name in :data:`SIMILARITIES` (see README.md to add one).

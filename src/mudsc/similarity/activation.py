@@ -1,4 +1,4 @@
-"""Activation similarity: Pearson correlation of the units' features (ALGORITHM.md 3.1)."""
+"""Activation similarity: Pearson correlation of the units' features (docs/ALGORITHM.md 3.1)."""
 
 from __future__ import annotations
 

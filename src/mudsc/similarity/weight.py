@@ -1,4 +1,4 @@
-"""Weight similarity: how alike the units' weight vectors are (ALGORITHM.md section 3).
+"""Weight similarity: how alike the units' weight vectors are (docs/ALGORITHM.md section 3).
 
 Returns an (N*n) x (N*n) float64 matrix, model 0's units first.  It re-expresses
 neighbour axes with ``mudsc.apply.transform_tensor``, the transform the final merge uses,

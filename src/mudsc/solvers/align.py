@@ -1,4 +1,4 @@
-"""Alignment: one-to-one matching of every model's units to model 0's (ALGORITHM.md 4.1)."""
+"""Alignment: one-to-one matching of every model's units to model 0's (docs/ALGORITHM.md 4.1)."""
 
 from __future__ import annotations
 

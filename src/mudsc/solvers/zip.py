@@ -1,4 +1,4 @@
-"""Zip: ZipIt!'s greedy merging of the most similar clusters (ALGORITHM.md 4.2).
+"""Zip: ZipIt!'s greedy merging of the most similar clusters (docs/ALGORITHM.md 4.2).
 
 The naive version recomputes a full argmax over the (N*n)^2 matrix at every step and
 copies or shrinks the matrix; this one keeps one working copy on the similarity's device,

@@ -1,6 +1,6 @@
 """Random block-respecting permutations of a spec's spaces, and the numeric self-check.
 
-The invariance property (ALGORITHM.md section 2) is the test of every extraction: a
+The invariance property (docs/ALGORITHM.md section 2) is the test of every extraction: a
 model with every non-fixed space permuted at random computes the same function.  After
 tracing, a float64 copy of the model with randomised weights (so zero-initialised
 tensors such as a class token still matter) is permuted and compared; any space that
