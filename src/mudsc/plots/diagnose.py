@@ -32,11 +32,10 @@ from scipy.stats import spearmanr
 from torch import Tensor, nn
 
 from mudsc.errors import MudscError
-from mudsc.merge import MergeConfig, MergeResult, merge_models
 from mudsc.modes import eval_mode
-from mudsc.plots.interpolate import check_methods
+from mudsc.plots.interpolate import check_methods, merge_every_method
 from mudsc.plots.style import method_color, new_figure
-from mudsc.progress import Progress, tracked
+from mudsc.progress import Progress
 from mudsc.similarity import activation_similarity, weight_similarity
 from mudsc.stats import collect_moments
 
@@ -139,13 +138,9 @@ def compute_diagnosis(
     sources = [model_a.to(device), model_b.to(device)]
     options = dict(merge_options or {})
     with eval_mode(*sources):
-        results: dict[str, MergeResult] = {}
-        spec = None
-        for m in tracked(methods, "merge", progress):
-            cfg = MergeConfig(method=m, alpha=alpha, device=str(device), **options)
-            results[m] = merge_models(sources, batches, cfg, spec=spec)
-            spec = results[m].spec
-        assert spec is not None
+        results, spec = merge_every_method(
+            sources, batches, methods, alpha, device, options, progress
+        )
         tapped = [s.name for s in spec.mergeable if s.taps]
         moments = collect_moments(sources, spec, batches, device, spaces=tapped)
         s_act = {name: activation_similarity(mo) for name, mo in moments.items()}

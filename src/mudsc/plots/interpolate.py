@@ -42,7 +42,7 @@ from mudsc.methods import METHODS
 from mudsc.models.head import ClassEmbeddingHead
 from mudsc.modes import eval_mode
 from mudsc.plots.style import new_figure, variant_style
-from mudsc.progress import Progress, counted
+from mudsc.progress import Progress, counted, tracked
 from mudsc.renorm import apply_repair, reset_batchnorm, resolve_mode
 from mudsc.solvers.match import Match
 from mudsc.spaces import MergeSpec
@@ -224,6 +224,27 @@ def check_methods(methods: Sequence[str]) -> list[str]:
     if len(set(methods)) != len(methods):
         raise MudscError(f"methods are listed twice: {methods}")
     return methods
+
+
+def merge_every_method(
+    sources: Sequence[nn.Module],
+    batches: Sequence[Tensor],
+    methods: Sequence[str],
+    alpha: float | str,
+    device: torch.device | str,
+    options: Mapping[str, Any],
+    progress: Progress | None,
+) -> tuple[dict[str, MergeResult], MergeSpec]:
+    """Merge the sources with every method, tracing once: the first merge's spec serves
+    the others (a figure compares methods on one set of spaces)."""
+    results: dict[str, MergeResult] = {}
+    spec = None
+    for m in tracked(methods, "merge", progress):
+        cfg = MergeConfig(method=m, alpha=alpha, device=str(device), **options)
+        results[m] = merge_models(sources, batches, cfg, spec=spec)
+        spec = results[m].spec
+    assert spec is not None
+    return results, spec
 
 
 # -- the interpolation itself ---------------------------------------------------------

@@ -70,13 +70,14 @@ from mudsc.plots.interpolate import (
     EvalSet,
     Renormaliser,
     check_methods,
+    merge_every_method,
     model_with_state,
     renormaliser_for,
     source_states,
     task_metrics,
 )
 from mudsc.plots.style import POINT_MARKERS, method_color, new_figure
-from mudsc.progress import Progress, counted, tracked
+from mudsc.progress import Progress, counted
 from mudsc.spaces import MergeSpec
 
 log = logging.getLogger(__name__)
@@ -333,13 +334,9 @@ def compute_landscape(
     sources = [model_a.to(device), model_b.to(device)]
     options = dict(merge_options or {})
     with eval_mode(*sources):
-        results: dict[str, MergeResult] = {}
-        spec = None
-        for m in tracked(methods, "merge", progress):
-            cfg = MergeConfig(method=m, alpha=alpha, device=str(device), **options)
-            results[m] = merge_models(sources, batches, cfg, spec=spec)
-            spec = results[m].spec
-        assert spec is not None
+        results, spec = merge_every_method(
+            sources, batches, methods, alpha, device, options, progress
+        )
         frame = methods[0]
         keys = parameter_keys(sources[0])
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from mudsc.errors import MudscError
 from mudsc.solvers.match import Match, match_from_unmerge
@@ -65,8 +66,6 @@ def cross_block(similarity: torch.Tensor, n: int, i: int) -> np.ndarray:
 
 def assign(cost: np.ndarray) -> np.ndarray:
     """Columns of the square assignment maximising the sum: row r is matched to col[r]."""
-    from scipy.optimize import linear_sum_assignment  # imported on first use: keeps CLI start fast
-
     rows, cols = linear_sum_assignment(cost, maximize=True)
     if not np.array_equal(rows, np.arange(cost.shape[0])):
         cols = cols[np.argsort(rows)]
