@@ -30,6 +30,7 @@ from mudsc.renorm import apply_repair, reset_batchnorm, resolve_mode
 from mudsc.similarity import activation_similarity
 from mudsc.solvers.match import Match
 from mudsc.spaces import MergeSpec, TracedModel, trace_model
+from mudsc.spaces.verify import verify_spec
 from mudsc.stats import SpaceMoments, collect_moments
 from mudsc.timing import StageTimer
 
@@ -167,6 +168,8 @@ def trace_stage(
         graph = trace_model(model, example, verify=spec is None)
     full = graph.spec if spec is None else spec
     full.validate(model)
+    if spec is not None:
+        check_hand_spec(model, spec, example)
     merged = full
     if stop_at is not None:
         trunk = set(trunk_spaces(full, resolve_stop(graph, stop_at, full)))
@@ -179,6 +182,27 @@ def trace_stage(
     for w in merged.warnings:
         log.warning("spec: %s", w)
     return Traced(merged, full, graph, stop_at is not None)
+
+
+def check_hand_spec(model: nn.Module, spec: MergeSpec, example: Tensor) -> None:
+    """Run the tracer's numeric self-check on a given spec and refuse a wrong one.
+
+    Tracing fixes the spaces that fail the check (its rules are ours); a hand spec is the
+    user's, so a space that breaks the model when permuted is refused by name instead.
+    """
+    checked = verify_spec(model, spec, (example,))
+    if checked is spec:
+        return
+    wrong = [a.name for a, b in zip(spec.spaces, checked.spaces, strict=True) if b.fixed > a.fixed]
+    if not wrong:
+        for w in checked.warnings[len(spec.warnings) :]:
+            log.warning("spec: %s", w)
+        return
+    raise MudscError(
+        f"the given spec is wrong for this model: permuting space(s) {', '.join(wrong)} "
+        "changes its output (a member is missing, or an output space is not marked fixed); "
+        "mark them fixed, add the missing members, or let mudsc trace the model (spec=None)"
+    )
 
 
 # --- layout ----------------------------------------------------------------------------

@@ -1,0 +1,83 @@
+"""Failures found by trying models the project had not seen (issue 10), one test each."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+
+import pytest
+import torch
+
+import mudsc
+from mudsc.errors import MudscError
+from mudsc.merge import MergeConfig, merge_models
+from mudsc.models import create
+from mudsc.spaces import MergeSpec, trace
+
+# -- public functions stay callable -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["merge", "evaluate", "train"])
+def test_public_functions_stay_callable_after_their_module_is_imported(name: str) -> None:
+    function = getattr(importlib.import_module(f"mudsc.{name}"), name)
+    for _ in range(2):
+        module = importlib.import_module(f"mudsc.{name}")
+        exec(f"import mudsc.{name}")  # the import statement sets the package attribute
+        assert callable(mudsc.__dict__.get(name, getattr(mudsc, name)))
+        assert callable(getattr(mudsc, name))
+        assert inspect.signature(getattr(mudsc, name)) == inspect.signature(function)
+        assert getattr(module, name) is function  # the module is still the module
+    with pytest.raises(TypeError):  # the call reaches the function (missing arguments)
+        getattr(mudsc, name)()
+
+
+def test_public_merge_runs_after_import_of_its_module() -> None:
+    import mudsc.merge as merge_module  # noqa: F401  (the import that used to shadow it)
+
+    model = _mlp(1)
+    x = torch.randn(8, 1, 8, 8, dtype=torch.float64)
+    for _ in range(2):
+        result = mudsc.merge([model, model], [x], method="avg", repair="none")
+        assert isinstance(result, torch.nn.Module)
+
+
+# -- hand specs are checked like traced ones ----------------------------------------------
+
+
+def _mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return create("mlp", in_channels=1, image_size=8, embed_dim=6, width=0.03).double()
+
+
+def _edit(spec: MergeSpec, name: str, **changes) -> MergeSpec:
+    return dataclasses.replace(
+        spec,
+        spaces=tuple(
+            dataclasses.replace(s, **changes) if s.name == name else s for s in spec.spaces
+        ),
+    )
+
+
+def _hand_merge(spec: MergeSpec) -> None:
+    a, b = _mlp(1), _mlp(2)
+    x = torch.randn(8, 1, 8, 8, dtype=torch.float64)
+    merge_models([a, b], [x], MergeConfig(method="rebasin", repair="none"), spec=spec)
+
+
+def test_a_correct_hand_spec_is_accepted() -> None:
+    model = _mlp(1)
+    spec = trace(model, torch.randn(2, 1, 8, 8, dtype=torch.float64))
+    _hand_merge(spec)
+
+
+def test_hand_spec_with_a_free_output_space_is_refused_by_name() -> None:
+    spec = trace(_mlp(1), torch.randn(2, 1, 8, 8, dtype=torch.float64))
+    with pytest.raises(MudscError, match="space.*output.*mark them fixed"):
+        _hand_merge(_edit(spec, "output", fixed=False))
+
+
+def test_hand_spec_missing_a_consumer_is_refused_by_name() -> None:
+    spec = trace(_mlp(1), torch.randn(2, 1, 8, 8, dtype=torch.float64))
+    with pytest.raises(MudscError, match="features.2.*missing"):
+        _hand_merge(_edit(spec, "features.2", consumers=()))
