@@ -12,8 +12,9 @@ and which REPAIR may correct (and along which axis) is their layer type's
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -139,6 +140,34 @@ def _channel_last(mod: nn.Module) -> bool:
     return _channel_axis(mod) == "last"
 
 
+def _site(modules: Mapping[str, nn.Module], name: str) -> tuple[nn.Module, bool]:
+    """Where layer ``name``'s output is observed: the module to hook, and whether its output
+    is the first item of a tuple there.  ``nn.MultiheadAttention`` calls its ``out_proj``
+    weights functionally (the Linear's own forward never runs) and returns the projection
+    as its first output, so that layer is observed at the attention module."""
+    path, _, leaf = name.rpartition(".")
+    parent = modules.get(path)
+    if leaf == "out_proj" and isinstance(parent, nn.MultiheadAttention):
+        return parent, True
+    return modules[name], False
+
+
+def _observe(
+    modules: Mapping[str, nn.Module], name: str, fn: Callable[[nn.Module, Tensor], Tensor | None]
+) -> torch.utils.hooks.RemovableHandle:
+    """Hook ``fn(layer, output)`` on layer ``name``'s site; a returned tensor replaces it."""
+    layer = modules[name]
+    site, first = _site(modules, name)
+
+    def hook(_mod: nn.Module, _inp: object, out: Any) -> Any:
+        new = fn(layer, out[0] if first else out)
+        if new is None:
+            return None
+        return (new, *out[1:]) if first else new
+
+    return site.register_forward_hook(hook)
+
+
 def _measure(
     model: nn.Module,
     layers: Iterable[str],
@@ -148,8 +177,10 @@ def _measure(
     modules = dict(model.named_modules())
     stats = {name: _Moments() for name in layers}
     handles = [
-        modules[name].register_forward_hook(
-            lambda mod, _inp, out, s=stats[name]: s.add(*_batch_moments(out, _channel_last(mod)))
+        _observe(
+            modules,
+            name,
+            lambda mod, out, s=stats[name]: s.add(*_batch_moments(out, _channel_last(mod))),
         )
         for name in stats
     ]
@@ -160,6 +191,17 @@ def _measure(
         for h in handles:
             h.remove()
     return stats
+
+
+def _called(
+    layers: dict[str, list[tuple[str, int, int]]], source_stats: Sequence[dict[str, _Moments]]
+) -> dict[str, list[tuple[str, int, int]]]:
+    """The layers whose output was seen in every source; the others are left as merged,
+    with a log line (a module whose weights its parent uses without calling it)."""
+    unseen = sorted(n for n in layers if any(s[n].mean is None for s in source_stats))
+    if unseen:
+        log.info("REPAIR: %s never ran as a module; left uncorrected", ", ".join(unseen))
+    return {n: v for n, v in layers.items() if n not in unseen}
 
 
 def _targets(
@@ -208,6 +250,7 @@ def apply_repair(
         log.info("REPAIR: no eligible layer (needs weight and bias on a merged space)")
         return 0
     source_stats = [_measure(src, layers, batches, device) for src in sources]
+    layers = _called(layers, source_stats)
     modules = dict(merged.named_modules())
     targets = {}
     for name, slices in layers.items():
@@ -233,9 +276,7 @@ def apply_repair(
         return torch.addcmul(shift.view(shape), out, scale.view(shape))
 
     handles = [
-        modules[name].register_forward_hook(
-            lambda mod, _inp, out, name=name: correct(name, mod, out)
-        )
+        _observe(modules, name, lambda mod, out, name=name: correct(name, mod, out))
         for name in layers
     ]
     merged.eval()
