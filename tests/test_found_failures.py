@@ -18,6 +18,7 @@ from mudsc.merge import MergeConfig, merge_models
 from mudsc.models import create
 from mudsc.renorm import apply_repair, repair_layers
 from mudsc.spaces import MergeSpec, permute_state, random_permutations, trace
+from mudsc.stats import shuffled_spaces
 
 # -- public functions stay callable -------------------------------------------------------
 
@@ -143,3 +144,20 @@ def test_multihead_attention_merges_with_default_repair() -> None:
     assert apply_repair(again, [model, other], spec, result.matches, data, "cpu") == len(layers)
     assert _recovered(result, spec, perms) == []
     assert _rel_err(result.model, model, data[0]) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["act-align", "zipit"])
+def test_token_mixing_space_is_matched_on_weights_and_recovered(method: str, caplog) -> None:
+    """The token-MLP's hidden units are observed over batch x channels, and the channel
+    axis is itself a merge space: rows do not pair across models, so that space is matched
+    on weights (with a warning naming it) and the permuted copy is still recovered."""
+    model = _arch(archs.Mixer)
+    data = _data()
+    spec = trace(model, data[0][:2])
+    assert shuffled_spaces(model, spec, data[0][:2]) == ["token_fc1"]
+    other, perms = _permuted_copy(model, spec)
+    with caplog.at_level("WARNING", logger="mudsc.stages"):
+        result = merge_models([model, other], data, MergeConfig(method, repair="none"), spec=spec)
+    assert "token_fc1" in caplog.text
+    assert _recovered(result, spec, perms) == []
+    assert _rel_err(result.model, model, data[0]) < 1e-9

@@ -31,7 +31,7 @@ from mudsc.similarity import activation_similarity
 from mudsc.solvers.match import Match
 from mudsc.spaces import MergeSpec, TracedModel, trace_model
 from mudsc.spaces.verify import verify_spec
-from mudsc.stats import SpaceMoments, collect_moments
+from mudsc.stats import SpaceMoments, collect_moments, shuffled_spaces
 from mudsc.timing import StageTimer
 
 log = logging.getLogger(__name__)
@@ -250,6 +250,13 @@ def statistics_stage(
     missing = [s.name for s in spec.mergeable if not s.taps]
     if missing:
         log.warning("spaces without taps use weight similarity only: %s", missing)
+    shuffled = shuffled_spaces(models[0], spec, batches[0][:2], tapped)
+    if shuffled:
+        log.warning(
+            "spaces observed over axes that other merge spaces permute (their statistics do "
+            "not pair across models) use weight similarity only: %s", shuffled,
+        )
+        tapped = [name for name in tapped if name not in shuffled]
     return collect_moments(
         models,
         spec,

@@ -16,6 +16,7 @@ their std, where plain float32 sums lose ~1e-3 (see tests/test_stats.py).
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 
 from mudsc.errors import MudscError
 from mudsc.modes import eval_mode
+from mudsc.spaces import permute_state, random_permutations
 from mudsc.spaces.spec import MergeSpec, Space, Tap
 
 logger = logging.getLogger(__name__)
@@ -269,7 +271,7 @@ def _projection(model: nn.Module, tap: Tap, n: int, where: str) -> tuple[Tensor,
     return out[0], out[1]
 
 
-def _hook(recorder: _Recorder, model: int, space: Space, index: int, tap: Tap, proj) -> Callable:
+def _hook(recorder: _Observer, model: int, space: Space, index: int, tap: Tap, proj) -> Callable:
     def observe(x: Any) -> None:
         recorder.observe(model, space.name, index, _features(x, tap, space.size, proj))
 
@@ -386,8 +388,73 @@ def collect_moments(
     return result
 
 
+class _Capture:
+    """Keeps every tap call's features per model (for :func:`shuffled_spaces`)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, int, int], list[Tensor]] = {}
+        self.calls: dict[tuple[int, str, int], int] = {}
+
+    def observe(self, model: int, space: str, tap: int, feats: Tensor) -> None:
+        call = self.calls.get((model, space, tap), 0)
+        self.calls[(model, space, tap)] = call + 1
+        self.seen.setdefault((space, tap, call), []).append(feats)
+
+
+_Observer = _Recorder | _Capture
+
+
+def shuffled_spaces(
+    model: nn.Module, spec: MergeSpec, example: Any, spaces: Iterable[str] | None = None
+) -> list[str]:
+    """The spaces whose taps see other merge spaces on their observation axes.
+
+    A token-mixing MLP (MLP-Mixer) is observed over batch x channels, and the channel
+    axis is itself a merge space: observation rows then hold different channels in
+    different models, and statistics pooled over them compare unlike with unlike.  The
+    check needs no graph, so it covers hand specs too: a copy of ``model`` with every
+    space permuted at random runs on ``example``; a space's features must equal the
+    original's with its own units permuted, row by row, unless another space moved rows.
+    """
+    chosen = _selected_spaces(spec, spaces)
+    if not chosen:
+        return []
+    perms = random_permutations(spec, torch.Generator().manual_seed(0))
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(permute_state(model.state_dict(), spec, perms))
+    capture = _Capture()
+    device = _model_device(model)
+    with ExitStack() as stack:
+        for i, m in enumerate((model, twin)):
+            _attach(stack, capture, i, m, chosen)
+        stack.enter_context(eval_mode(model, twin))
+        with torch.no_grad():
+            for m in (model, twin):
+                _forward(m, example, device)
+    return sorted(
+        {
+            space
+            for (space, _, _), parts in capture.seen.items()
+            if len(parts) != 2 or not _rows_agree(parts[0], parts[1], perms[space])
+        }
+    )
+
+
+def _rows_agree(original: Tensor, permuted: Tensor, src: Tensor) -> bool:
+    """Whether ``permuted`` is ``original`` with its units (columns) reordered by ``src``."""
+    if original.shape != permuted.shape:
+        return False
+    want = original[:, src.to(original.device)]
+    tol = torch.finfo(original.dtype).eps ** 0.5 if original.is_floating_point() else 0.0
+    return bool((want - permuted).abs().max() <= tol * want.abs().max())
+
+
 def _attach(
-    stack: ExitStack, recorder: _Recorder, i: int, model: nn.Module, spaces: Sequence[Space]
+    stack: ExitStack,
+    recorder: _Observer,
+    i: int,
+    model: nn.Module,
+    spaces: Sequence[Space],
 ) -> None:
     """Hook every tap of ``spaces`` in model ``i``; ``stack`` removes the hooks."""
     for space in spaces:
