@@ -161,3 +161,42 @@ def test_token_mixing_space_is_matched_on_weights_and_recovered(method: str, cap
     assert "token_fc1" in caplog.text
     assert _recovered(result, spec, perms) == []
     assert _rel_err(result.model, model, data[0]) < 1e-9
+
+
+# -- dead units are paired by their weights --------------------------------------------------
+
+
+@torch.no_grad()
+def _kill_(model: torch.nn.Module, layer: str, units: list[int], norm: str | None = None):
+    """Units that are 0 on every input: no incoming weight, a negative bias (or BN shift)
+    before a ReLU."""
+    conv = model.get_submodule(layer)
+    conv.weight[units] = 0.0
+    conv.bias[units] = -1.0
+    if norm is not None:
+        model.get_submodule(norm).bias[units] = -10.0
+    return model
+
+
+DEAD = {
+    "mlp": (lambda: create("mlp", in_channels=3, image_size=8, embed_dim=6, width=0.03),
+            [("features.0", [1, 4, 7], None), ("features.2", [0, 2], None)]),
+    "densenet": (archs.DenseNetish, [("stem", [0, 3], None), ("conv_a", [1, 2], "bn_a")]),
+    "mobilenet": (archs.MobileNetish, [("stem.0", [2, 5, 6], "stem.1")]),
+    "squeeze-excite": (archs.SqueezeExcite, [("conv", [1, 2, 3], None)]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", ["act-align", "zipit"])
+@pytest.mark.parametrize("name", sorted(DEAD))
+def test_dead_units_are_paired_by_weights(name: str, method: str) -> None:
+    build, kills = DEAD[name]
+    model = _arch(build)
+    for layer, units, norm in kills:
+        _kill_(model, layer, units, norm)
+    data = _data()
+    spec = trace(model, data[0][:2])
+    other, perms = _permuted_copy(model, spec)
+    result = merge_models([model, other], data, MergeConfig(method, repair="none"), spec=spec)
+    assert _recovered(result, spec, perms) == []
+    assert _rel_err(result.model, model, data[0]) < 1e-9

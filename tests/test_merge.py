@@ -4,8 +4,9 @@ Exact recovery is the property every method but ``avg`` must have: merging a mod
 randomly permuted copies of itself returns the model.  It is provable only where the
 solver can tell every unit apart, so the test models are made *identifiable*: every
 layer's outputs are shifted to mean 0.5 and scaled to std 1 on the calibration data
-(:func:`enliven_`), which leaves no ReLU unit dead.  A dead unit correlates 0 with
-everything, so activation-only methods pair dead units at random, and that is not a bug.
+(:func:`enliven_`), which leaves no ReLU unit dead.  (A dead unit correlates 0 with
+everything; activation-only methods pair dead units by their weights instead, see
+tests/test_found_failures.py.)
 
 Also here: presets (alpha = 0 is the activation-only method), block structure of grouped
 spaces, dead units, weight sweeps, alpha search, input errors and one end-to-end merge of

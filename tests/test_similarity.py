@@ -18,8 +18,10 @@ from mudsc.errors import MudscError
 from mudsc.similarity import (
     WeightSimilarity,
     activation_similarity,
+    dead_units,
     dual_similarity,
     weight_similarity,
+    with_dead_ties,
 )
 from mudsc.stats import collect_moments
 
@@ -140,3 +142,18 @@ def test_weight_similarity_rejects_bad_requests() -> None:
         weight_similarity(spec, "nope", [state, state], {})
     with pytest.raises(MudscError, match="h2"):
         weight_similarity(spec, "h1", [state, state], {"h2": random_zip_match(8, 3, 0)})
+
+
+def test_dead_ties_fill_only_the_dead_by_dead_block() -> None:
+    act = torch.eye(6, dtype=torch.float64)
+    act[1, 4] = act[4, 1] = 0.3
+    weight = torch.rand(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(with_dead_ties(act, weight), act)  # no dead unit: unchanged
+    act[2, 2] = act[5, 5] = 0.0  # units 2 and 5 are dead (a 0 diagonal)
+    got = with_dead_ties(act, weight)
+    dead = torch.tensor([2, 5])
+    assert torch.equal(dead_units(act).nonzero().flatten(), dead)
+    assert torch.equal(got[dead][:, dead], weight[dead][:, dead])
+    live = torch.ones(6, 6, dtype=torch.bool)
+    live[dead[:, None], dead[None, :]] = False
+    assert torch.equal(got[live], act[live])

@@ -31,6 +31,7 @@ from mudsc.stages import (
     agreement,
     alpha_search,
     apply_stage,
+    break_dead_ties,
     layout_stage,
     prepare_stage,
     repair_stage,
@@ -232,7 +233,7 @@ def merge_models(
         solver_params(method, cfg), s_act, timer, progress,
     )  # fmt: skip
     with timer.stage("solve"):
-        start = engine.initial()
+        start = break_dead_ties(engine, engine.initial())
     run = _Candidates(cfg, sources, states, traced, fit, held, engine, start, timer, score_fn)
     alphas = alpha_candidates(method.similarity_record, cfg)
     best, scores = alpha_search(alphas, run.build, run.score, timer, progress)

@@ -27,11 +27,12 @@ from mudsc.modes import eval_mode
 from mudsc.partial import PartialMerge, build_partial, resolve_stop, trunk_spaces
 from mudsc.progress import Progress, tracked
 from mudsc.renorm import apply_repair, reset_batchnorm, resolve_mode
-from mudsc.similarity import activation_similarity
+from mudsc.similarity import WeightSimilarity, activation_similarity, dead_units, with_dead_ties
 from mudsc.solvers.match import Match
 from mudsc.spaces import MergeSpec, TracedModel, trace_model
 from mudsc.spaces.verify import verify_spec
 from mudsc.stats import SpaceMoments, collect_moments, shuffled_spaces
+from mudsc.sweeps import SweepEngine, solve_group
 from mudsc.timing import StageTimer
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,8 @@ def statistics_stage(
     if shuffled:
         log.warning(
             "spaces observed over axes that other merge spaces permute (their statistics do "
-            "not pair across models) use weight similarity only: %s", shuffled,
+            "not pair across models) use weight similarity only: %s",
+            shuffled,
         )
         tapped = [name for name in tapped if name not in shuffled]
     return collect_moments(
@@ -269,6 +271,45 @@ def statistics_stage(
 
 def activation_similarities(moments: Mapping[str, SpaceMoments]) -> dict[str, Tensor]:
     return {name: activation_similarity(m) for name, m in moments.items()}
+
+
+# --- dead-unit ties ----------------------------------------------------------------------
+
+
+def break_dead_ties(engine: SweepEngine, start: Mapping[str, Match]) -> dict[str, Match]:
+    """Re-solve the spaces with dead units, their dead-by-dead similarities taken from the
+    weights (:func:`~mudsc.similarity.with_dead_ties`), for methods that never look at
+    weights (act-align, zipit).  A space without dead units keeps its match bit for bit.
+
+    The weight similarity of a space depends on its neighbours' matches, so the spaces
+    are re-solved in rounds until no match moves (dead neighbours settle in turn).
+    """
+    matches = dict(start)
+    similarity = engine.similarity
+    if similarity is None or not similarity.activations or similarity.weights is not None:
+        return matches
+    dead = {name for name, act in engine.s_act.items() if dead_units(act).any()}
+    groups = [g for g in engine.groups if any(sp.name in dead for sp in g)]
+    if not groups:
+        return matches
+    log.info("dead units in %s: paired by weight similarity", ", ".join(sorted(dead)))
+    weights = WeightSimilarity(engine.spec, engine.states, "correlation")
+    for _ in range(len(groups) + 1):
+        moved = False
+        for group in groups:
+            sims = [
+                with_dead_ties(engine.s_act[sp.name], weights(sp.name, matches))
+                if sp.name in dead
+                else engine.space_similarity(sp, matches, 0.0)
+                for sp in group
+            ]
+            solved = solve_group(group, sims, engine.n, engine.solver, engine.params)
+            for sp, match in zip(group, solved, strict=True):
+                moved = moved or not torch.equal(match.unmerge, matches[sp.name].unmerge)
+                matches[sp.name] = match
+        if not moved:
+            break
+    return matches
 
 
 # --- apply and repair --------------------------------------------------------------------

@@ -6,7 +6,7 @@ finds them by name in :data:`SIMILARITIES` (see README.md to add one).
 
 from __future__ import annotations
 
-from mudsc.similarity.activation import activation_similarity
+from mudsc.similarity.activation import activation_similarity, dead_units, with_dead_ties
 from mudsc.similarity.dual import dual_similarity
 from mudsc.similarity.registry import ALPHA, SIMILARITIES, Similarity, WeightOf
 from mudsc.similarity.weight import WeightKind, WeightSimilarity, weight_similarity
@@ -19,6 +19,8 @@ __all__ = [
     "WeightOf",
     "WeightSimilarity",
     "activation_similarity",
+    "dead_units",
     "dual_similarity",
     "weight_similarity",
+    "with_dead_ties",
 ]
