@@ -197,7 +197,10 @@ def test_merge_of_hf_models_is_refused_without_calibration_or_mixed(
                        "-o", out), "give the --calibration file 'labels'")  # fmt: skip
     _user_error(invoke("merge", hf["a"], "org/model", "--calibration", hf["calib"], "-o", out),
                 "nothing is downloaded")  # fmt: skip
+    _user_error(invoke("merge", hf["a"], hf["b"], "--calibration", hf["calib"], "--data", "mnist",
+                       "-o", out), "not both")  # fmt: skip
     _user_error(invoke("eval", hf["a"]), "needs --data-file FILE")
+    _user_error(invoke("eval", hf["a"], hf["b"], "--data-file", hf["labelled"]), "one Hugging Face")
     assert not out.exists()
 
 
@@ -234,3 +237,21 @@ def test_cli_merges_two_hf_directories_into_one_that_loads(
     scored = invoke("eval", out, "--data-file", hf["labelled"], "--json")
     assert scored.exit_code == 0, scored.output
     assert 0 <= json.loads(scored.stdout)["accuracy"] <= 1
+
+
+def test_cli_merge_of_a_model_with_itself_gives_the_model_back(
+    hf: dict[str, Path], tmp_path: Path
+) -> None:
+    from transformers import BertForSequenceClassification
+
+    """Exact up to rounding: one calibration batch, so REPAIR's one-pass measurement is exact
+    (with several batches it standardises each batch on its own; see renorm.apply_repair)."""
+    out = tmp_path / "same"
+    result = invoke("merge", hf["a"], hf["a"], "--calibration", hf["calib"], "--max-sweeps", 2,
+                    "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    merged = BertForSequenceClassification.from_pretrained(out, local_files_only=True).eval()
+    tokens = torch.load(hf["calib"])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens).logits, tiny_bert(0)(tokens).logits,
+                                   atol=1e-5, rtol=1e-5)  # fmt: skip

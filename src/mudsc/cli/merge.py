@@ -147,6 +147,9 @@ def merge_command(
     config = MergeConfig(**settings, device=str(dev), stop_at=_stop_at(stop_at, stop_after_spaces))
     if len(checkpoints) < 2:
         raise MudscError("merge needs at least two checkpoints")
+    if calibration is not None and data is not None:
+        raise MudscError("give either --data (draw calibration from a dataset) or "
+                         "--calibration FILE, not both")  # fmt: skip
     kind = source_kind(checkpoints)
     file = read_tensor_file(calibration).head(calibration_size) if calibration else None
     if kind == "hf":
