@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import invoke
+from safetensors.torch import save_file
 
 from mudsc.checkpoint import CONFIG_FILE, load_checkpoint
+from mudsc.data import load_dataset
 from mudsc.partial import PartialMerge
 
 
@@ -81,3 +83,29 @@ def test_merge_refuses_to_overwrite(runs: dict[str, Path], data_dir: Path, tmp_p
     out.mkdir()
     result = invoke("merge", runs["a"], runs["b"], "--data-dir", data_dir, "-o", out)
     assert result.exit_code == 2 and "--force" in result.stderr
+
+
+def test_merge_and_eval_of_checkpoints_take_tensor_files(
+    runs: dict[str, Path], data_dir: Path, tmp_path: Path
+) -> None:
+    """Calibration from a labelled file (alpha scored on its held-out tail) and evaluation
+    on a labelled file that holds the test set give what the dataset route gives."""
+    data = load_dataset("fashion-mnist", data_dir)
+    calib = tmp_path / "calib.safetensors"
+    save_file({"inputs": data.normalize(data.train_images[:120]).contiguous(),
+               "labels": data.train_labels[:120].contiguous()}, str(calib))  # fmt: skip
+    test = tmp_path / "test.pt"
+    torch.save({"inputs": data.normalize(data.test_images), "labels": data.test_labels}, test)
+    out = tmp_path / "ab"
+    result = invoke("merge", runs["a"], runs["b"], "--calibration", calib, "--alpha", "auto",
+                    "--max-sweeps", "3", "--batch-size", "50", "-o", out)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    card = json.loads((out / CONFIG_FILE).read_text())["merge"]
+    assert card["calibration"] == {"file": str(calib), "inputs": 120}
+    assert card["calibration_batches"] == 2  # 96 fit inputs in batches of 50; 24 held out
+    assert "held-out labelled slice" in card["alpha_score"] and len(card["alpha_scores"]) == 9
+
+    from_file = invoke("eval", out, "--data-file", test, "--json")
+    from_dataset = invoke("eval", out, "--data-dir", data_dir, "--json")
+    assert from_file.exit_code == 0 and from_dataset.exit_code == 0, from_file.output
+    assert json.loads(from_file.stdout) == json.loads(from_dataset.stdout)

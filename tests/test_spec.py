@@ -256,8 +256,12 @@ def test_untraceable_model_raises_a_clear_error() -> None:
     with pytest.raises(MudscError) as info:
         trace(Branchy(), torch.randn(2, 3, 8, 8))
     text = str(info.value)
-    assert "torch.fx" in text and "'inner' (_BranchyInner)" in text
-    assert "control flow" in text and "MergeSpec.from_json" in text and "mudsc spec" in text
+    assert "torch.fx" in text and "'inner' (_BranchyInner)" in text and "TraceError" in text
+    assert "torch.export cannot trace Branchy" in text  # both routes' reasons
+    assert "control flow" in text and "MergeSpec.from_json" in text and "mudsc.trace(" in text
+    with pytest.raises(MudscError, match="torch.fx cannot trace") as info:
+        trace(Branchy(), torch.randn(2, 3, 8, 8), route="fx")
+    assert "torch.export" not in str(info.value).split(".  ")[0]
 
 
 def _branchy_inner_rule(ctx):

@@ -1,6 +1,9 @@
-"""``mudsc merge``: source checkpoints in, one merged checkpoint with its merge card out.
+"""``mudsc merge``: sources in, one merged model with its merge card out.
 
-The merge knobs are :class:`~mudsc.merge.MergeConfig`'s fields, turned into options by
+The sources are mudsc checkpoints (calibration drawn from their dataset, or read from
+``--calibration FILE``) or local Hugging Face model directories (calibration from the
+file only; the result is again a Hugging Face directory). The merge knobs are
+:class:`~mudsc.merge.MergeConfig`'s fields, turned into options by
 :func:`~mudsc.cli.options.config_options`; ``--method`` lists the method registry.
 """
 
@@ -15,8 +18,9 @@ import typer
 
 from mudsc.cli.common import console, friendly, progress_bars, resolve_device
 from mudsc.cli.options import config_options
+from mudsc.data.files import TensorFile, read_tensor_file, split_batches
 from mudsc.errors import MudscError
-from mudsc.merge import MergeConfig
+from mudsc.merge import MergeConfig, MergeResult
 from mudsc.methods import METHODS
 
 
@@ -44,10 +48,57 @@ def _held_out_score(
     return score
 
 
+def _logits_score(
+    held: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device, batch_size: int
+) -> Callable[[Any], float] | None:
+    """Score of an alpha candidate of a model with logits: accuracy on the held-out slice."""
+    if held is None:
+        return None
+    from mudsc.hf import accuracy
+
+    def score(candidate: Any) -> float:
+        return accuracy(candidate.model, held[0], held[1], batch_size, device)
+
+    return score
+
+
 def _stop_at(stop_at: str | None, stop_after_spaces: int | None) -> str | int | None:
     if stop_at is not None and stop_after_spaces is not None:
         raise MudscError("give either --stop-at or --stop-after-spaces, not both")
     return stop_at if stop_at is not None else stop_after_spaces
+
+
+def source_kind(paths: list[Path]) -> str:
+    """``"hf"`` when every source is a Hugging Face directory, ``"checkpoint"`` when none is;
+    a mix is refused (one merge, one kind of model)."""
+    from mudsc.hf import is_hf_directory
+
+    for path in paths:
+        if not path.exists():
+            raise MudscError(f"source {path} does not exist (sources are local checkpoints or "
+                             "Hugging Face directories; nothing is downloaded)")  # fmt: skip
+    hf = [p for p in paths if is_hf_directory(p)]
+    if hf and len(hf) != len(paths):
+        other = [str(p) for p in paths if p not in hf]
+        raise MudscError(
+            f"all sources must be of one kind: {', '.join(map(str, hf))} "
+            f"are Hugging Face directories but {', '.join(other)} are not"
+        )
+    return "hf" if hf else "checkpoint"
+
+
+def hold_out(
+    file: TensorFile, holdout: float | None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The file's inputs to fit on, and, when ``holdout`` is given and the file has labels,
+    its last examples kept aside labelled (as many as a dataset draw would keep)."""
+    if holdout is None or file.labels is None:
+        return file.inputs, None
+    cut = len(file) - max(1, int(len(file) * holdout))
+    if cut < 1:
+        raise MudscError(f"a holdout of {holdout} leaves no calibration inputs in {file.path}; "
+                         "lower --holdout or give more examples")  # fmt: skip
+    return file.inputs[:cut], (file.inputs[cut:], file.labels[cut:])
 
 
 @friendly
@@ -56,13 +107,26 @@ def _stop_at(stop_at: str | None, stop_after_spaces: int | None) -> str | int | 
     types={"alpha": str}, helps={"method": method_help()}, panel="Merge settings",
 )  # fmt: skip
 def merge_command(
-    checkpoints: list[Path] = typer.Argument(..., help="Two or more source checkpoints."),
-    output: Path = typer.Option(..., "--output", "-o", help="Merged checkpoint directory."),
+    checkpoints: list[Path] = typer.Argument(
+        ..., help="Two or more source checkpoints, or local Hugging Face model directories."
+    ),
+    output: Path = typer.Option(..., "--output", "-o", help="Merged model directory."),
     data: str = typer.Option(
         None, "--data", help="Calibration dataset (default: the checkpoints')."
     ),
     data_dir: Path = typer.Option(None),
-    calibration_size: int = typer.Option(1000, help="Calibration images (labels unused)."),
+    calibration: Path = typer.Option(
+        None,
+        "--calibration",
+        help="Calibration inputs from a file instead of a dataset (required for Hugging Face "
+        "models): a tensor of token ids or images as the model takes them, in .pt, "
+        ".safetensors or .npz (keys inputs, optional labels) or .npy.",
+    ),
+    calibration_size: int = typer.Option(
+        None,
+        help="Calibration examples (default: 1000 drawn from the dataset, or the whole "
+        "--calibration file).",
+    ),
     batch_size: int = typer.Option(250),
     stop_at: str = typer.Option(
         None, help="Partial merge: merge up to this module path (e.g. layer2); heads stay."
@@ -75,36 +139,95 @@ def merge_command(
     *,
     settings: dict[str, Any],
 ) -> None:
-    """Merge source checkpoints into one model and save it with its merge card."""
+    """Merge source models into one and save it with its merge card."""
     from mudsc.atomic import refuse_existing
-    from mudsc.checkpoint import load_checkpoint, save_checkpoint
-    from mudsc.data import draw_calibration, load_dataset
-    from mudsc.merge import merge_models
 
     refuse_existing(output, force)
     dev = resolve_device(device)
     config = MergeConfig(**settings, device=str(dev), stop_at=_stop_at(stop_at, stop_after_spaces))
     if len(checkpoints) < 2:
         raise MudscError("merge needs at least two checkpoints")
-    loaded = [load_checkpoint(p, dev) for p in checkpoints]
-    name = data or loaded[0].dataset
-    if name is None:
-        raise MudscError("the checkpoints record no dataset; pass --data NAME for calibration")
-    tasks = [t for ck in loaded for t in ck.tasks]
-    dataset = load_dataset(name, data_dir)
-    classes = sorted({c for t in tasks for c in t}) or list(range(dataset.num_classes))
+    if calibration is not None and data is not None:
+        raise MudscError("give either --data (draw calibration from a dataset) or "
+                         "--calibration FILE, not both")  # fmt: skip
+    kind = source_kind(checkpoints)
+    file = read_tensor_file(calibration).head(calibration_size) if calibration else None
+    if kind == "hf":
+        _merge_hf(checkpoints, output, file, batch_size, config, force)
+    else:
+        source = file if file is not None else (data, data_dir, calibration_size or 1000)
+        _merge_checkpoints(checkpoints, output, source, batch_size, config, force)
+
+
+def _auto_holdout(config: MergeConfig) -> float | None:
+    """The holdout share when the merge scores alpha candidates, else None."""
     auto = METHODS[config.method].uses_alpha and config.alpha == "auto"
-    calibration = draw_calibration(dataset, classes, calibration_size, batch_size, config.seed,
-                                   dev, holdout=config.holdout if auto else None)  # fmt: skip
-    batches, held = calibration.batches, calibration.held
+    return config.holdout if auto else None
+
+
+def _merge_hf(
+    paths: list[Path],
+    output: Path,
+    file: TensorFile | None,
+    batch_size: int,
+    config: MergeConfig,
+    force: bool,
+) -> None:
+    """Merge Hugging Face directories on the file's inputs; save a Hugging Face directory."""
+    from mudsc.hf import load_hf_model, save_hf_model
+
+    if file is None:
+        raise MudscError(
+            "merging Hugging Face models needs --calibration FILE: a tensor of inputs the "
+            "models take (token ids), as .pt, .safetensors, .npz or .npy"
+        )
+    if config.stop_at is not None:
+        raise MudscError("a partial merge (--stop-at) of Hugging Face models has no Hugging Face "
+                         "form to save; merge the whole models")  # fmt: skip
+    holdout = _auto_holdout(config)
+    if holdout is not None and file.labels is None:
+        raise MudscError("--alpha auto on Hugging Face models scores each alpha on labelled "
+                         "held-out inputs: give the --calibration file 'labels', or a fixed "
+                         "--alpha")  # fmt: skip
+    fit, held = hold_out(file, holdout)
+    dev = torch.device(config.device)
+    models = [load_hf_model(p, dev) for p in paths]
+    score_fn = _logits_score(held, dev, batch_size)
+    result = _run(models, split_batches(fit.to(dev), batch_size), config, score_fn)
+    card = _card(result, paths, {"file": str(file.path), "inputs": len(file)})
+    if score_fn is not None:
+        card["alpha_score"] = "accuracy of argmax(logits) on a held-out labelled slice"
+    card["architecture"] = type(result.model).__name__
+    save_hf_model(output, result.model, card, force=force)
+    _report(output, result)
+
+
+def _merge_checkpoints(
+    paths: list[Path],
+    output: Path,
+    source: TensorFile | tuple[str | None, Path | None, int],
+    batch_size: int,
+    config: MergeConfig,
+    force: bool,
+) -> None:
+    """Merge mudsc checkpoints on a file's inputs or a dataset draw; save a checkpoint."""
+    from mudsc.checkpoint import load_checkpoint, save_checkpoint
+
+    dev = torch.device(config.device)
+    loaded = [load_checkpoint(p, dev) for p in paths]
+    tasks = [t for ck in loaded for t in ck.tasks]
     head = loaded[0].head
+    if isinstance(source, TensorFile):
+        name = loaded[0].dataset
+        fit, held = hold_out(source, _auto_holdout(config) if head is not None else None)
+        batches = split_batches(fit.to(dev), batch_size)
+        provenance: dict[str, Any] = {"file": str(source.path), "inputs": len(source)}
+    else:
+        name, batches, held = _draw(source, loaded, tasks, batch_size, config)
+        provenance = {"dataset": name, "images": source[2], "seed": config.seed}
     score_fn = _held_out_score(held, head, tasks, dev, batch_size)
-    with progress_bars() as progress:
-        result = merge_models([ck.model for ck in loaded], batches, config, score_fn=score_fn,
-                              progress=progress)  # fmt: skip
-    card = result.card()
-    card["sources"] = [str(p) for p in checkpoints]
-    card["calibration"] = {"dataset": name, "images": calibration_size, "seed": config.seed}
+    result = _run([ck.model for ck in loaded], batches, config, score_fn)
+    card = _card(result, paths, provenance)
     if score_fn is not None:
         card["alpha_score"] = "average per-task accuracy on a held-out labelled slice"
     save_checkpoint(
@@ -115,6 +238,56 @@ def merge_command(
         },
         head, force=force,
     )  # fmt: skip
+    _report(output, result)
+
+
+def _draw(
+    source: tuple[str | None, Path | None, int],
+    loaded: list[Any],
+    tasks: list[list[int]],
+    batch_size: int,
+    config: MergeConfig,
+) -> tuple[str, list[torch.Tensor], tuple[torch.Tensor, torch.Tensor] | None]:
+    """Calibration drawn from the dataset (``--data`` or the checkpoints')."""
+    from mudsc.data import draw_calibration, load_dataset
+
+    data, data_dir, size = source
+    name = data or loaded[0].dataset
+    if name is None:
+        raise MudscError("the checkpoints record no dataset; pass --data NAME or "
+                         "--calibration FILE for calibration")  # fmt: skip
+    dataset = load_dataset(name, data_dir)
+    classes = sorted({c for t in tasks for c in t}) or list(range(dataset.num_classes))
+    calibration = draw_calibration(dataset, classes, size, batch_size, config.seed,
+                                   config.device, holdout=_auto_holdout(config))  # fmt: skip
+    return name, calibration.batches, calibration.held
+
+
+def _run(
+    models: list[torch.nn.Module],
+    batches: list[torch.Tensor],
+    config: MergeConfig,
+    score_fn: Callable[[Any], float] | None,
+) -> MergeResult:
+    from mudsc.merge import merge_models
+
+    with progress_bars() as progress:
+        return merge_models(models, batches, config, score_fn=score_fn, progress=progress)
+
+
+def _card(
+    result: MergeResult,
+    paths: list[Path],
+    calibration: dict[str, Any],
+) -> dict[str, Any]:
+    """The merge card: the result's record, the sources and where calibration came from."""
+    card = result.card()
+    card["sources"] = [str(p) for p in paths]
+    card["calibration"] = calibration
+    return card
+
+
+def _report(output: Path, result: MergeResult) -> None:
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
     chosen = "" if result.alpha is None else f", alpha {result.alpha:g}"
-    console.print(f"saved {output} ({config.method}{chosen}; {timing})")
+    console.print(f"saved {output} ({result.config.method}{chosen}; {timing})")

@@ -49,6 +49,18 @@ _UNARY_METHODS = (
     "type_as", "contiguous", "clone", "detach", "requires_grad_", "cpu", "cuda",
 )  # fmt: skip
 _PASS_THROUGH = {"contiguous", "clone", "detach", "to", "float", "double", "half", "type_as"}
+_ATEN_PASS_THROUGH = {"aten.contiguous", "aten.clone", "aten.detach", "aten._to_copy",
+                      "aten.alias", "aten.to", "aten.type_as", "aten.lift_fresh_copy"}  # fmt: skip
+_ATEN = torch.ops.aten
+_RESIDUAL = {
+    operator.add, operator.sub, operator.iadd, torch.add, torch.sub, "add", "add_", "sub",
+    "sub_", _ATEN.add, _ATEN.add_, _ATEN.sub, _ATEN.sub_,
+}  # fmt: skip
+
+
+def op_of(node: fx.Node) -> object:
+    """A node's target, an ATen overload read as its packet (``aten.add.Tensor`` -> add)."""
+    return getattr(node.target, "overloadpacket", node.target)
 
 
 def _tensors(ctx: Ctx) -> list[TDims]:
@@ -68,10 +80,8 @@ def _binary(ctx: Ctx) -> TDims:
     shape = ctx.out_shape()
     inputs = _tensors(ctx)
     y = elementwise(ctx, inputs, shape)
-    target = ctx.node.target
-    residual = target in (operator.add, operator.sub, operator.iadd, torch.add, torch.sub) or (
-        target in ("add", "add_", "sub", "sub_")
-    )
+    target = op_of(ctx.node)
+    residual = target in _RESIDUAL
     full = [i for i, a in enumerate(ctx.args) if isinstance(a, TDims) and a.shape == shape]
     if residual and sum(ctx.activation(i) for i in full) >= 2:
         for d in y.dims:
@@ -83,7 +93,9 @@ def _binary(ctx: Ctx) -> TDims:
 @register_method_rule(*_UNARY_METHODS)
 def _unary(ctx: Ctx) -> Value:
     value = ctx.get(0)
-    if isinstance(value, Stacked) and ctx.node.target in _PASS_THROUGH:
+    if isinstance(value, Stacked) and (
+        ctx.node.target in _PASS_THROUGH or str(op_of(ctx.node)) in _ATEN_PASS_THROUGH
+    ):
         return value
     x = ctx.tensor(0)
     return ctx.record(TDims(x.dims, ctx.out_shape()))
@@ -126,8 +138,10 @@ def _selected_only(node: fx.Node, axis: int, ndim: int, depth: int) -> bool:
 
 
 def _use_selects(use: fx.Node, axis: int, ndim: int, depth: int) -> bool:
-    name = use.target if use.op == "call_method" else getattr(use.target, "__name__", None)
+    name = use.target if use.op == "call_method" else getattr(op_of(use), "__name__", None)
     rest = list(use.args[1:])
+    if name == "select" and isinstance(rest[0], int):  # ATen: select(x, dim, index)
+        return rest[0] % ndim == axis
     if name == "getitem":
         return _index_selects(rest[0] if rest else None, axis)
     if name == "unbind":
@@ -156,7 +170,7 @@ def _axis_after(name: object, rest: list, axis: int, ndim: int) -> int | None:
     if name in ("transpose", "swapaxes") and all(isinstance(r, int) for r in rest[:2]):
         a, b = (r % ndim for r in rest[:2])
         return b if axis == a else a if axis == b else axis
-    if name == "contiguous":
+    if name in ("contiguous", "clone", "alias"):
         return axis
     return None
 
@@ -205,7 +219,11 @@ def _getitem(ctx: Ctx) -> Value:
     obj, idx = ctx.get(0), ctx.get(1)
     if isinstance(obj, tuple | list):
         return obj[idx]
-    items = idx if isinstance(idx, tuple) else (idx,)
+    return indexed(ctx, obj, idx if isinstance(idx, tuple) else (idx,))
+
+
+def indexed(ctx: Ctx, obj: Value, items: tuple) -> TDims:
+    """``obj[items]`` by basic indexing; selecting one part of a stacked value keeps it."""
     if isinstance(obj, Stacked):
         a = obj.axis
         if (
@@ -326,13 +344,16 @@ def _softmax(ctx: Ctx) -> TDims:
     return ctx.record(TDims(x.dims, ctx.out_shape()))
 
 
+_NORMS = ("norm", torch.norm, torch.linalg.vector_norm, _ATEN.linalg_vector_norm)
+
+
 @register_function_rule(torch.mean, torch.sum, torch.amax, torch.amin, torch.logsumexp,
                         torch.norm, torch.linalg.vector_norm)  # fmt: skip
 @register_method_rule("mean", "sum", "amax", "amin", "logsumexp", "norm")
 def _reduce(ctx: Ctx) -> TDims:
     x = ctx.tensor(0)
-    target = ctx.node.target
-    pos = 2 if target in ("norm", torch.norm, torch.linalg.vector_norm) else 1
+    target = op_of(ctx.node)
+    pos = 2 if target in _NORMS else 1
     dim = ctx.arg(pos, "dim", None)
     keepdim = bool(ctx.arg(pos + 1, "keepdim", False))
     if dim is None:

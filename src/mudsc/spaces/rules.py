@@ -58,7 +58,8 @@ class Rules:
         return decorator
 
     def function(self, *functions: Any) -> Callable[[R], R]:
-        """Register ``rule`` for these callables (``torch.add``, ``operator.add``, ``F.relu``)."""
+        """Register ``rule`` for these callables (``torch.add``, ``operator.add``, ``F.relu``,
+        an ATen op ``torch.ops.aten.add`` for all its overloads, or one overload)."""
 
         def decorator(rule: R) -> R:
             for f in functions:
@@ -84,10 +85,14 @@ class Rules:
         return layer.rule if layer is not None else None
 
     def function_rule(self, target: Any) -> Rule | None:
+        """The rule of a callable; an ATen overload (``aten.add.Tensor``) falls back to the
+        rule of its packet (``aten.add``)."""
         try:
-            return self.functions.get(target)
+            rule = self.functions.get(target)
         except TypeError:  # unhashable target
             return None
+        packet = getattr(target, "overloadpacket", None)
+        return rule if rule is not None or packet is None else self.functions.get(packet)
 
     def method_rule(self, name: str) -> Rule | None:
         return self.methods.get(name)

@@ -1,10 +1,11 @@
-"""``trace_model(model, example_input) -> TracedModel``: merge spaces by torch.fx tracing.
+"""``trace_model(model, example_input) -> TracedModel``: merge spaces from a traced graph.
 
-Steps: symbolic tracing (standard ``torch.nn`` modules and modules with a rule are
-leaves), one run on the example input to learn every shape, then every node's rule in
-graph order (see :mod:`mudsc.spaces.rules`), then :func:`mudsc.spaces.build.build`.
-Nodes without a rule are *unsupported*: the spaces they touch are fixed and reported in
-``spec.warnings``.  Finally the spec is checked numerically (``verify=True``).
+Steps: capture (:mod:`mudsc.spaces.capture`: torch.fx symbolic tracing, where standard
+``torch.nn`` modules and modules with a rule are leaves, or torch.export), one run on
+the example input to learn every shape, then every node's rule in graph order (see
+:mod:`mudsc.spaces.rules`), then :func:`mudsc.spaces.build.build`.  Nodes without a rule
+are *unsupported*: the spaces they touch are fixed and reported in ``spec.warnings``.
+Finally the spec is checked numerically (``verify=True``).
 
 The result keeps what later stages that work on the graph need (partial merging cuts
 it), so a model is traced and analysed once; :func:`trace` returns just the spec.
@@ -28,6 +29,7 @@ from mudsc.errors import MudscError
 from mudsc.modes import eval_mode
 from mudsc.spaces.atoms import Atoms, Layout
 from mudsc.spaces.build import Key, Place, build, places
+from mudsc.spaces.capture import Route, as_module, capture
 from mudsc.spaces.context import (
     Ctx,
     MemberRec,
@@ -47,12 +49,6 @@ log = logging.getLogger(__name__)
 _SHAPE_METHODS = {"size", "dim", "numel", "nelement", "get_device", "element_size", "ndimension"}
 _SHAPE_FUNCS = {builtins.getattr, builtins.len, builtins.isinstance}
 
-_HAND_SPEC = (
-    "Pass a spec by hand instead: dump one with `mudsc spec --arch <name> --json` (or "
-    "`MergeSpec.to_json()` of a similar traceable model), edit it, and call "
-    "`mudsc.merge(..., spec=MergeSpec.from_json(text))`."
-)
-
 
 @dataclass(frozen=True)
 class TracedModel:
@@ -62,7 +58,9 @@ class TracedModel:
     result on the example input, and ``values``, the layouts of each node's result).
     ``keys`` maps each space of ``spec`` to its layout key: :meth:`placer` of a layout
     lands on these keys, which is how a tensor's axes are read back as spaces.
-    ``state_keys`` are the model's state-dict keys, in order.
+    ``state_keys`` are the model's state-dict keys, in order.  ``route``: how the graph
+    was captured, ``"fx"`` (torch.fx symbolic tracing) or ``"export"`` (torch.export,
+    ATen ops outside the modules with a layer type).
     """
 
     spec: MergeSpec
@@ -73,6 +71,7 @@ class TracedModel:
     atoms: Atoms
     state_keys: tuple[str, ...]
     model_name: str
+    route: str = "fx"
 
     def placer(self) -> Callable[[Layout], list[Place]]:
         """:func:`mudsc.spaces.build.places` over a private copy of the atoms: reading the
@@ -88,7 +87,12 @@ class TracedModel:
 
 
 def trace_model(
-    model: nn.Module, example_input: Any, *, rules: Rules | None = None, verify: bool = True
+    model: nn.Module,
+    example_input: Any,
+    *,
+    rules: Rules | None = None,
+    verify: bool = True,
+    route: Route = "auto",
 ) -> TracedModel:
     """Trace ``model`` on ``example_input`` into its merge spec and the analysis behind it.
 
@@ -96,10 +100,14 @@ def trace_model(
     enough).  ``rules``: extra rules for this call only, used before the default registry
     (which is left unchanged).  With ``verify`` the spec is checked by permuting a float64
     copy of the model at random; any space that breaks the output is fixed and reported.
+    ``route``: ``"fx"``, ``"export"`` or ``"auto"`` (fx, else export: see
+    :mod:`mudsc.spaces.capture`).  A ``torch.export`` program (or its ``.module()``) is
+    read by the export route.
     """
     rules = RULES if rules is None else rules.over(RULES)
     inputs = example_input if isinstance(example_input, tuple | list) else (example_input,)
-    gm = _symbolic_trace(model, rules)
+    model, exported = as_module(model)
+    gm, taken = capture(model, tuple(inputs), rules, route, exported)
     metas = _shapes(gm, model, inputs)
     analysis = _Analysis(model, gm, metas, rules)
     analysis.run()
@@ -108,52 +116,20 @@ def trace_model(
         spec = verify_spec(model, spec, inputs)
     return TracedModel(
         spec, gm, metas, analysis.values, keys, analysis.atoms,
-        tuple(model.state_dict().keys()), type(model).__name__,
+        tuple(model.state_dict().keys()), type(model).__name__, taken,
     )  # fmt: skip
 
 
 def trace(
-    model: nn.Module, example_input: Any, *, rules: Rules | None = None, verify: bool = True
+    model: nn.Module,
+    example_input: Any,
+    *,
+    rules: Rules | None = None,
+    verify: bool = True,
+    route: Route = "auto",
 ) -> MergeSpec:
     """The merge spec of ``model``: :func:`trace_model`'s spec (same arguments)."""
-    return trace_model(model, example_input, rules=rules, verify=verify).spec
-
-
-class _Tracer(fx.Tracer):
-    """fx tracer whose leaves are standard torch.nn modules and modules with a rule."""
-
-    def __init__(self, rules: Rules) -> None:
-        super().__init__()
-        self.rules = rules
-        self.failed_in: str | None = None
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return self.rules.module_rule(m) is not None or super().is_leaf_module(m, qualname)
-
-    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:
-                path = self.path_of_module(m)
-                self.failed_in = f"'{path or '<root>'}' ({type(m).__name__})"
-            raise
-
-
-def _symbolic_trace(model: nn.Module, rules: Rules) -> fx.GraphModule:
-    tracer = _Tracer(rules)
-    try:
-        graph = tracer.trace(model)
-    except Exception as exc:
-        where = tracer.failed_in or f"'<root>' ({type(model).__name__})"
-        raise MudscError(
-            f"cannot trace {type(model).__name__} with torch.fx: {exc!s}.  The failure is in "
-            f"module {where}; data-dependent Python control flow (an `if`/`for` on tensor "
-            f"values) cannot be traced symbolically.  Rewrite that branch with tensor ops "
-            f"(torch.where), or register a rule for the module "
-            f"(mudsc.spaces.register_module_rule) so it is treated as a leaf.  " + _HAND_SPEC
-        ) from exc
-    return fx.GraphModule(model, graph)
+    return trace_model(model, example_input, rules=rules, verify=verify, route=route).spec
 
 
 class _Recorder(fx.Interpreter):
