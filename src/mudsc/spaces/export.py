@@ -13,6 +13,7 @@ model's own state-dict names (``ExportedProgram.module()`` reads them with ``get
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,10 +152,17 @@ class _Regrouper:
                 self._copy(n)
             return
         self._ensure(inputs[0])
-        self.root[group.path] = self.model.get_submodule(group.path)
-        call = self.graph.call_module(group.path, (self.env[inputs[0]],))
-        call.meta["nn_module_stack"] = dict(outputs[0].meta.get("nn_module_stack") or {})
-        self.env[outputs[0]] = call
+        module = self.model.get_submodule(group.path)
+        self.root[group.path] = module
+        x = self.env[inputs[0]]
+        if isinstance(module, nn.MultiheadAttention):  # self-attention: query = key = value
+            call = self.graph.call_module(group.path, (x, x, x), {"need_weights": False})
+            result = self.graph.call_function(operator.getitem, (call, 0))
+        else:
+            call = result = self.graph.call_module(group.path, (x,))
+        for n in {call, result}:
+            n.meta["nn_module_stack"] = dict(outputs[0].meta.get("nn_module_stack") or {})
+        self.env[outputs[0]] = result
 
     def _own_tensors(self, path: str) -> set[str]:
         module = self.model.get_submodule(path)

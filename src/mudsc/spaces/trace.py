@@ -24,7 +24,6 @@ import torch
 from torch import fx, nn
 
 import mudsc.spaces.functions  # noqa: F401  (registers the built-in function rules)
-import mudsc.spaces.modules  # noqa: F401  (registers the built-in module rules)
 from mudsc.errors import MudscError
 from mudsc.modes import eval_mode
 from mudsc.spaces.atoms import Atoms, Layout
@@ -40,6 +39,7 @@ from mudsc.spaces.context import (
     Value,
     has_tensor,
 )  # fmt: skip
+from mudsc.spaces.modules import register_library_layers
 from mudsc.spaces.rules import RULES, Rules
 from mudsc.spaces.spec import MergeSpec
 from mudsc.spaces.verify import verify_spec
@@ -104,6 +104,7 @@ def trace_model(
     :mod:`mudsc.spaces.capture`).  A ``torch.export`` program (or its ``.module()``) is
     read by the export route.
     """
+    register_library_layers()
     rules = RULES if rules is None else rules.over(RULES)
     inputs = example_input if isinstance(example_input, tuple | list) else (example_input,)
     model, exported = as_module(model)
@@ -287,7 +288,11 @@ class _Analysis:
         else:
             rule = self.rules.function_rule(node.target)
         if not has_tensor(meta):
-            shape_query = node.target in _SHAPE_METHODS or node.target in _SHAPE_FUNCS
+            shape_query = (
+                node.target in _SHAPE_METHODS
+                or node.target in _SHAPE_FUNCS
+                or isinstance(node.target, torch._ops.OpOverload)  # sym_size, asserts
+            )
             if not has_in or shape_query:
                 return None
             return self._unsupported(node, meta, args, kwargs, "returns a Python value")
