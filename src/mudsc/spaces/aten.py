@@ -65,6 +65,7 @@ register_function_rule(aten.unbind)(fn._unbind)
 register_function_rule(aten.matmul, aten.bmm, aten.mm)(fn._matmul)
 register_function_rule(aten.scaled_dot_product_attention)(fn._sdpa)
 register_function_rule(aten.linear)(fn._flinear)
+register_function_rule(aten.pad)(fn._pad)
 register_function_rule(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax)(
     fn._softmax
 )
@@ -219,15 +220,12 @@ def _gather(ctx: Ctx) -> TDims:
     return ctx.record(TDims(tuple(dims), shape))
 
 
-@register_function_rule(aten.cumsum, aten.cumprod, aten.diff, aten.flip, aten.roll)
+@register_function_rule(aten.cumsum, aten.cumprod, aten.diff, aten.flip)
 def _along(ctx: Ctx) -> TDims:
-    """Ops that mix positions along their axes in order: those axes are fixed."""
+    """Ops that read positions along their axes in order (attention-mask arithmetic):
+    those axes are fixed.  (``roll`` has no rule on either route: it stays unsupported.)"""
     x = ctx.tensor(0)
     dims = ctx.arg(1, "dims" if ctx.node.target.overloadpacket is aten.flip else "dim", -1)
-    if ctx.node.target.overloadpacket is aten.roll:
-        dims = ctx.arg(2, "dims", ())
-        if not dims:
-            raise Unsplittable("roll of the flattened tensor")
     for d in dims if isinstance(dims, list | tuple) else [dims]:
         ctx.atoms.fix_layout(x.dims[d % x.ndim], f"order-sensitive axis ({ctx.node.target})")
     return ctx.record(TDims(x.dims, ctx.out_shape()))

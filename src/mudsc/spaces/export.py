@@ -143,7 +143,7 @@ class _Regrouper:
         inputs = list(
             dict.fromkeys(
                 a for n in group.nodes for a in n.all_input_nodes
-                if a not in members and not (a.op == "get_attr" and str(a.target) in own)
+                if a not in members and not (a.op == "get_attr" and self._reads(a, own))
             )
         )  # fmt: skip
         outputs = [n for n in group.nodes if any(u not in members for u in n.users)]
@@ -164,10 +164,17 @@ class _Regrouper:
             n.meta["nn_module_stack"] = dict(outputs[0].meta.get("nn_module_stack") or {})
         self.env[outputs[0]] = result
 
-    def _own_tensors(self, path: str) -> set[str]:
+    def _own_tensors(self, path: str) -> set[int]:
         module = self.model.get_submodule(path)
-        names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
-        return {f"{path}.{n}" for n in names}
+        return {id(t) for t in module.parameters()} | {id(t) for t in module.buffers()}
+
+    def _reads(self, node: fx.Node, own: set[int]) -> bool:
+        """Whether a get_attr reads one of ``own``: by identity, as a tied weight (GPT-2's
+        lm_head and wte) is exported under one of its names only."""
+        try:
+            return id(_attr(self.exported, str(node.target))) in own
+        except AttributeError:
+            return False
 
 
 def _is_guard(node: fx.Node) -> bool:

@@ -114,7 +114,7 @@ def trace_model(
     analysis.run()
     spec, keys = build(analysis.atoms, analysis.records)
     if verify:
-        spec = verify_spec(model, spec, inputs)
+        spec = verify_spec(model, spec, inputs, whole_batch=exported)
     return TracedModel(
         spec, gm, metas, analysis.values, keys, analysis.atoms,
         tuple(model.state_dict().keys()), type(model).__name__, taken,
@@ -217,6 +217,8 @@ def _op_name(node: fx.Node) -> str:
     if node.op == "call_method":
         return f"Tensor.{node.target}"
     target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)  # aten.roll.default
     module = getattr(target, "__module__", None) or ""
     name = getattr(target, "__name__", str(target))
     if module in ("_operator", "operator"):
