@@ -66,6 +66,7 @@ register_function_rule(aten.matmul, aten.bmm, aten.mm)(fn._matmul)
 register_function_rule(aten.scaled_dot_product_attention)(fn._sdpa)
 register_function_rule(aten.linear)(fn._flinear)
 register_function_rule(aten.pad)(fn._pad)
+register_function_rule(aten.einsum)(fn._einsum)
 register_function_rule(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax)(
     fn._softmax
 )
