@@ -9,11 +9,12 @@ from collections.abc import Callable
 import pytest
 import torch
 from archs import ARCHS, Branchy, TokenModel
-from invariance import assert_invariant, randomise_
+from invariance import assert_invariant, permute_model, randomise_
 from test_spec import _ZOO, _zoo
 from torch import Tensor, nn
 
 from mudsc.errors import MudscError
+from mudsc.merge import merge
 from mudsc.models import names
 from mudsc.spaces import MergeSpec, Space, trace, trace_model
 
@@ -130,6 +131,18 @@ def test_transformer_encoder(batch_first: bool) -> None:
         enable_nested_tensor=False,
     )  # fmt: skip
     assert _space(_checked(alone, x), "layers.0.norm2.weight").fixed  # the output
+
+
+def test_partial_merge_cuts_the_export_graph() -> None:
+    """A permuted copy merged up to a layer: the trunk is exact, the heads are the sources'."""
+    torch.manual_seed(0)
+    a = _Encoder(batch_first=True).eval()
+    data = [torch.randn(4, 5, 4) for _ in range(2)]
+    b = _Encoder(batch_first=True).eval()
+    b.load_state_dict(permute_model(a, trace(a, data[0]), torch.Generator().manual_seed(5)))
+    merged = merge([a, b], data, "zipit", repair="none", stop_at="encoder.layers.0")
+    with torch.no_grad():
+        assert torch.allclose(merged(data[0]), a(data[0]), atol=1e-5)
 
 
 transformers = pytest.importorskip("transformers")

@@ -121,7 +121,16 @@ class _Regrouper:
     def _copy(self, node: fx.Node) -> None:
         for arg in node.all_input_nodes:
             self._ensure(arg)
+        if node.op == "output" and self._single_output():
+            (result,) = node.args[0]  # return the tensor itself, as the model does
+            self.env[node] = self.graph.output(self.env[result])
+            return
         self.env[node] = self.graph.node_copy(node, lambda a: self.env[a])
+
+    def _single_output(self) -> bool:
+        """Whether the model returns one tensor (the export graph returns a flat tuple)."""
+        info = getattr(self.exported.graph._codegen, "pytree_info", None)
+        return info is not None and info.out_spec is not None and info.out_spec.is_leaf()
 
     def _ensure(self, node: fx.Node) -> None:
         """Emit a get_attr right before its first use (the order fx would give it)."""
