@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from mudsc.errors import MudscError
 from mudsc.merge import merge
 from mudsc.models import names
-from mudsc.spaces import MergeSpec, Space, trace, trace_model
+from mudsc.spaces import MergeSpec, Space, Tap, trace, trace_model
 
 
 def _zoo_first(name: str) -> tuple[nn.Module, Tensor]:
@@ -131,6 +131,45 @@ def test_transformer_encoder(batch_first: bool) -> None:
         enable_nested_tensor=False,
     )  # fmt: skip
     assert _space(_checked(alone, x), "layers.0.norm2.weight").fixed  # the output
+
+
+class _RawHidden(nn.Module):
+    """A custom layer with raw parameters and F.linear: no module rule names a tap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(12, 8))
+        self.b = nn.Parameter(torch.randn(12))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(nn.functional.linear(x, self.w, self.b))
+
+
+class _Functional(nn.Module):
+    """The hidden space is produced and consumed by functional ops only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj, self.hidden, self.head = nn.Linear(4, 8), _RawHidden(), nn.Linear(6, 3)
+        self.down = nn.Parameter(torch.randn(6, 12))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(nn.functional.linear(self.hidden(self.proj(x)), self.down))
+
+
+@pytest.mark.parametrize("route", ["fx", "export"])
+def test_space_of_functional_ops_is_tapped_at_its_module_output(route: str) -> None:
+    model = randomise_(_Functional().double(), torch.Generator().manual_seed(1))
+    x = torch.randn(64, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    spec = trace(model, x, route=route)
+    hidden = _space(spec, "hidden.w")
+    assert hidden.taps == (Tap("hidden", "output", 1),)
+    assert trace(model, x, route="fx").to_dict() == spec.to_dict()
+    b = _Functional().double()
+    b.load_state_dict(permute_model(model, spec, torch.Generator().manual_seed(5)))
+    merged = merge([model, b], [x], "zipit", repair="none")
+    with torch.no_grad():
+        assert torch.allclose(merged(x), model(x))
 
 
 def test_partial_merge_cuts_the_export_graph() -> None:

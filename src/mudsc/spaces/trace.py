@@ -39,6 +39,7 @@ from mudsc.spaces.context import (
     Value,
     has_tensor,
 )  # fmt: skip
+from mudsc.spaces.module_taps import add_module_taps
 from mudsc.spaces.modules import register_library_layers
 from mudsc.spaces.rules import RULES, Rules
 from mudsc.spaces.spec import MergeSpec
@@ -113,6 +114,7 @@ def trace_model(
     analysis = _Analysis(model, gm, metas, rules)
     analysis.run()
     spec, keys = build(analysis.atoms, analysis.records)
+    spec = add_module_taps(model, spec, gm, analysis.values, keys, analysis.atoms, tuple(inputs))
     if verify:
         spec = verify_spec(model, spec, inputs, whole_batch=exported)
     return TracedModel(
