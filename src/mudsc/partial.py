@@ -455,7 +455,9 @@ class _Split:
     def trunk(self, model: nn.Module, state: Mapping[str, Tensor] | None = None) -> fx.GraphModule:
         gm = copy.deepcopy(fx.GraphModule(model, self.trunk_graph, class_name="PartialTrunk"))
         if state is not None:
-            gm.load_state_dict({k: state[k] for k in gm.state_dict()})
+            # tensors outside the merged state (non-persistent buffers such as BERT's
+            # position ids) keep the values the graph module copied from the model
+            gm.load_state_dict({k: state[k] for k in gm.state_dict() if k in state}, strict=False)
         return gm
 
     def head(self, model: nn.Module) -> fx.GraphModule:
