@@ -2,7 +2,8 @@
 
 Times tracing alone (fx trace + shape run + rules + spec build) and with the numeric
 self-check (``verify=True``, the default: a float64 copy is permuted and compared), for
-ResNet-50 at several widths and two ViT sizes.  Prints a table and writes JSON.
+ResNet-50 at several widths and two ViT sizes, by the torch.fx route (default) or the
+torch.export route (``--route export``).  Prints a table and writes JSON.
 
     PYTHONPATH=src python bench/trace.py --out bench/results/trace.json
 """
@@ -47,13 +48,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--route", choices=("fx", "export", "auto"), default="fx")
     args = parser.parse_args()
 
     rows = []
     for name, cfg in CASES:
         model = create(name, in_channels=3, image_size=args.image_size, embed_dim=512, **cfg)
         x = torch.randn(args.batch, 3, args.image_size, args.image_size)
-        spec = trace(model, x)
+        spec = trace(model, x, route=args.route)
         rows.append(
             {
                 "model": name,
@@ -63,8 +65,13 @@ def main() -> None:
                 "spaces": len(spec.spaces),
                 "mergeable": len(spec.mergeable),
                 "warnings": len(spec.warnings),
-                "trace_s": _time(lambda m=model, x=x: trace(m, x, verify=False), args.repeats),
-                "trace_verify_s": _time(lambda m=model, x=x: trace(m, x), args.repeats),
+                "route": args.route,
+                "trace_s": _time(
+                    lambda m=model, x=x: trace(m, x, verify=False, route=args.route), args.repeats
+                ),
+                "trace_verify_s": _time(
+                    lambda m=model, x=x: trace(m, x, route=args.route), args.repeats
+                ),
             }
         )
     header = f"{'model':<10} {'config':<36} {'params(M)':>9} {'nodes':>6} {'spaces':>7} "

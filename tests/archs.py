@@ -124,6 +124,26 @@ class SDPABlock(nn.Module):
         return self.head(x[:, 0])
 
 
+class EinsumAttention(nn.Module):
+    """Attention written with torch.einsum (scores and values), heads by a reshape."""
+
+    def __init__(self, dim: int = 8, heads: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.patches = _Patches(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patches(x)
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).unbind(2)
+        a = torch.einsum("bqhd,bkhd->bhqk", q, k).softmax(-1)
+        y = torch.einsum("bhqk,bkhd->bqhd", a, v).reshape(b, t, d)
+        return self.head((x + self.out(y)).mean(1))
+
+
 class Mixer(nn.Module):
     """MLP-Mixer block: a token-mixing MLP across patches, then a channel MLP."""
 
@@ -274,6 +294,7 @@ ARCHS = {
     "grouped": GroupedConvNet,
     "mha": MHANet,
     "sdpa": SDPABlock,
+    "einsum": EinsumAttention,
     "mixer": Mixer,
     "rolled": Rolled,
     "shuffled": Shuffled,

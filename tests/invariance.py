@@ -49,7 +49,21 @@ def assert_invariant(
     permuted = copy.deepcopy(model)
     permuted.load_state_dict(permute_model(model, spec, generator))
     with torch.no_grad():
-        ref, out = model(*inputs), permuted(*inputs)
-    scale = ref.abs().max().clamp_min(1e-12)
-    err = float((ref - out).abs().max() / scale)
-    assert err <= rtol, f"permuted model differs: relative error {err:.3g} > {rtol}"
+        refs, outs = _tensors(model(*inputs)), _tensors(permuted(*inputs))
+    assert refs and len(refs) == len(outs)
+    for ref, out in zip(refs, outs, strict=True):
+        scale = ref.abs().max().clamp_min(1e-12)
+        err = float((ref - out).abs().max() / scale)
+        assert err <= rtol, f"permuted model differs: relative error {err:.3g} > {rtol}"
+
+
+def _tensors(value: object) -> list[Tensor]:
+    """The floating-point tensors of a model's output (a tensor, a tuple, a dict or a
+    Hugging Face ModelOutput)."""
+    if isinstance(value, Tensor):
+        return [value] if value.is_floating_point() else []
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []

@@ -24,7 +24,7 @@ _BINARY = (
     aten.masked_fill_, aten.lerp, aten.addcmul, aten.addcdiv, aten.eq, aten.ne, aten.lt,
     aten.le, aten.gt, aten.ge, aten.logical_and, aten.logical_or, aten.logical_xor,
     aten.bitwise_and, aten.bitwise_or, aten.bitwise_not, aten.logical_not, aten.fmod,
-    aten.remainder, aten.floor_divide,
+    aten.remainder, aten.floor_divide, aten.__and__, aten.__or__, aten.__xor__,
 )  # fmt: skip
 _UNARY = (
     aten.relu, aten.relu_, aten.gelu, aten.silu, aten.silu_, aten.sigmoid, aten.tanh,
@@ -65,6 +65,8 @@ register_function_rule(aten.unbind)(fn._unbind)
 register_function_rule(aten.matmul, aten.bmm, aten.mm)(fn._matmul)
 register_function_rule(aten.scaled_dot_product_attention)(fn._sdpa)
 register_function_rule(aten.linear)(fn._flinear)
+register_function_rule(aten.pad)(fn._pad)
+register_function_rule(aten.einsum)(fn._einsum)
 register_function_rule(aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax)(
     fn._softmax
 )
@@ -199,3 +201,32 @@ def _pool(ctx: Ctx) -> TDims:
         raise Unsplittable("pooling that returns indices")
     k = _POOLS[ctx.node.target.overloadpacket]
     return spatial_tail(ctx, ctx.tensor(0), k, ctx.out_shape())
+
+
+@register_function_rule(aten.gather)
+def _gather(ctx: Ctx) -> TDims:
+    """``x.gather(dim, index)``: positions along ``dim`` are read by index (fixed); the
+    other axes line up with the index's where their sizes agree, else they are fixed."""
+    x, idx, shape = ctx.tensor(0), ctx.tensor(2), ctx.out_shape()
+    dim = ctx.arg(1, "dim") % x.ndim
+    dims = []
+    for k in range(x.ndim):
+        if k != dim and x.shape[k] == idx.shape[k]:
+            ctx.union(x.dims[k], idx.dims[k])
+            dims.append(x.dims[k])
+            continue
+        for t in (x, idx):
+            ctx.atoms.fix_layout(t.dims[k], "gathered axis")
+        dims.append(idx.dims[k])
+    return ctx.record(TDims(tuple(dims), shape))
+
+
+@register_function_rule(aten.cumsum, aten.cumprod, aten.diff, aten.flip)
+def _along(ctx: Ctx) -> TDims:
+    """Ops that read positions along their axes in order (attention-mask arithmetic):
+    those axes are fixed.  (``roll`` has no rule on either route: it stays unsupported.)"""
+    x = ctx.tensor(0)
+    dims = ctx.arg(1, "dims" if ctx.node.target.overloadpacket is aten.flip else "dim", -1)
+    for d in dims if isinstance(dims, list | tuple) else [dims]:
+        ctx.atoms.fix_layout(x.dims[d % x.ndim], f"order-sensitive axis ({ctx.node.target})")
+    return ctx.record(TDims(x.dims, ctx.out_shape()))

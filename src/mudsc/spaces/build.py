@@ -407,11 +407,17 @@ class _Builder:
         return out
 
     def _warnings(self, ordered: list[_Entry], names: list[str]) -> list[str]:
+        """One line per recorded reason, naming every space it fixed (all of them)."""
         owner = {r: name for e, name in zip(ordered, names, strict=True) for r in e.key}
+        fixed = {name for e, name in zip(ordered, names, strict=True) if e.fixed}
         out: list[str] = []
         for message, layouts in self.records.fixed_by:
             hit = {owner[r] for layout in layouts for r in self.atoms.leaves(layout) if r in owner}
-            text = f"{message}; spaces fixed: {', '.join(sorted(hit)) or 'none'}"
+            hit &= fixed
+            if not hit:  # a constant (a mask, position ids): no merge space is affected
+                log.info("%s (no merge space affected)", message)
+                continue
+            text = f"{message}; spaces fixed: {', '.join(sorted(hit))}"
             if text not in out:
                 out.append(text)
         return out

@@ -33,14 +33,21 @@ HAND_SPEC = (
 
 def as_module(model: Any) -> tuple[nn.Module, bool]:
     """The module to trace, and whether it is already an export graph (an
-    ``ExportedProgram`` or its ``.module()``), which only the export route can read."""
+    ``ExportedProgram`` or its ``.module()``), which only the export route can read.
+
+    ``ExportedProgram.module()`` replaces ``train``/``eval`` by methods that raise: its
+    graph runs in the mode it was exported in whatever the flag says.  Those overrides
+    are removed, so that the mode switches every stage makes are harmless no-ops."""
     if isinstance(model, torch.export.ExportedProgram):
-        return model.module(), True
-    if isinstance(model, fx.GraphModule) and any(
-        isinstance(n.target, torch._ops.OpOverload) for n in model.graph.nodes
+        model = model.module()
+    elif not (
+        isinstance(model, fx.GraphModule)
+        and any(isinstance(n.target, torch._ops.OpOverload) for n in model.graph.nodes)
     ):
-        return model, True
-    return model, False
+        return model, False
+    for name in ("train", "eval"):
+        model.__dict__.pop(name, None)
+    return model, True
 
 
 def capture(

@@ -13,6 +13,7 @@ model's own state-dict names (``ExportedProgram.module()`` reads them with ``get
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,7 +121,16 @@ class _Regrouper:
     def _copy(self, node: fx.Node) -> None:
         for arg in node.all_input_nodes:
             self._ensure(arg)
+        if node.op == "output" and self._single_output():
+            (result,) = node.args[0]  # return the tensor itself, as the model does
+            self.env[node] = self.graph.output(self.env[result])
+            return
         self.env[node] = self.graph.node_copy(node, lambda a: self.env[a])
+
+    def _single_output(self) -> bool:
+        """Whether the model returns one tensor (the export graph returns a flat tuple)."""
+        info = getattr(self.exported.graph._codegen, "pytree_info", None)
+        return info is not None and info.out_spec is not None and info.out_spec.is_leaf()
 
     def _ensure(self, node: fx.Node) -> None:
         """Emit a get_attr right before its first use (the order fx would give it)."""
@@ -142,7 +152,7 @@ class _Regrouper:
         inputs = list(
             dict.fromkeys(
                 a for n in group.nodes for a in n.all_input_nodes
-                if a not in members and not (a.op == "get_attr" and str(a.target) in own)
+                if a not in members and not (a.op == "get_attr" and self._reads(a, own))
             )
         )  # fmt: skip
         outputs = [n for n in group.nodes if any(u not in members for u in n.users)]
@@ -151,15 +161,29 @@ class _Regrouper:
                 self._copy(n)
             return
         self._ensure(inputs[0])
-        self.root[group.path] = self.model.get_submodule(group.path)
-        call = self.graph.call_module(group.path, (self.env[inputs[0]],))
-        call.meta["nn_module_stack"] = dict(outputs[0].meta.get("nn_module_stack") or {})
-        self.env[outputs[0]] = call
+        module = self.model.get_submodule(group.path)
+        self.root[group.path] = module
+        x = self.env[inputs[0]]
+        if isinstance(module, nn.MultiheadAttention):  # self-attention: query = key = value
+            call = self.graph.call_module(group.path, (x, x, x), {"need_weights": False})
+            result = self.graph.call_function(operator.getitem, (call, 0))
+        else:
+            call = result = self.graph.call_module(group.path, (x,))
+        for n in {call, result}:
+            n.meta["nn_module_stack"] = dict(outputs[0].meta.get("nn_module_stack") or {})
+        self.env[outputs[0]] = result
 
-    def _own_tensors(self, path: str) -> set[str]:
+    def _own_tensors(self, path: str) -> set[int]:
         module = self.model.get_submodule(path)
-        names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
-        return {f"{path}.{n}" for n in names}
+        return {id(t) for t in module.parameters()} | {id(t) for t in module.buffers()}
+
+    def _reads(self, node: fx.Node, own: set[int]) -> bool:
+        """Whether a get_attr reads one of ``own``: by identity, as a tied weight (GPT-2's
+        lm_head and wte) is exported under one of its names only."""
+        try:
+            return id(_attr(self.exported, str(node.target))) in own
+        except AttributeError:
+            return False
 
 
 def _is_guard(node: fx.Node) -> bool:

@@ -299,6 +299,45 @@ def _matmul(ctx: Ctx) -> TDims:
     return ctx.record(TDims(batch.dims + (a.dims[-2], b.dims[-1]), ctx.out_shape()))
 
 
+@register_function_rule(torch.einsum)
+def _einsum(ctx: Ctx) -> TDims:
+    """Explicit einsum (no ``...``, no diagonals): one letter is one set of units across
+    operands; letters missing from the output are contracted (mixed)."""
+    equation = ctx.get(0)
+    operands = list(ctx.args[1:])
+    if len(operands) == 1 and isinstance(operands[0], list | tuple):
+        operands = list(operands[0])
+    tensors = [ctx.collapse(t) if isinstance(t, Stacked) else t for t in operands]
+    if not isinstance(equation, str) or "." in equation:
+        raise Unsplittable("einsum with an ellipsis or a computed equation")
+    lhs, arrow, rhs = equation.replace(" ", "").partition("->")
+    terms = lhs.split(",")
+    if not arrow:
+        rhs = "".join(sorted(c for c in set(lhs) - {","} if lhs.count(c) == 1))
+    if len(terms) != len(tensors) or not all(isinstance(t, TDims) for t in tensors):
+        raise Unsplittable("einsum operands")
+    letters: dict[str, TDims] = {}
+    for term, t in zip(terms, tensors, strict=True):
+        if len(set(term)) != len(term) or len(term) != t.ndim:
+            raise Unsplittable("einsum diagonal or rank mismatch")
+        for axis, c in enumerate(term):
+            _einsum_letter(ctx, letters, c, TDims((t.dims[axis],), (t.shape[axis],)))
+            if c not in rhs:
+                ctx.mix(t, axis)
+                ctx.consume(t, axis)
+    shape = ctx.out_shape()
+    return ctx.record(TDims(tuple(letters[c].dims[0] for c in rhs), shape))
+
+
+def _einsum_letter(ctx: Ctx, letters: dict[str, TDims], c: str, axis: TDims) -> None:
+    """Tie every axis of one letter; size-1 axes broadcast and impose nothing."""
+    known = letters.get(c)
+    if known is None or (known.shape[0] == 1 and axis.shape[0] > 1):
+        letters[c] = axis
+    elif axis.shape[0] > 1:
+        ctx.union(known.dims[0], axis.dims[0])
+
+
 @register_function_rule(F.scaled_dot_product_attention)
 def _sdpa(ctx: Ctx) -> TDims:
     q, k, v = ctx.tensor(0), ctx.tensor(1), ctx.tensor(2)

@@ -7,9 +7,11 @@ preference.
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
 
-from mudsc.layers import register_layer
+from mudsc.layers import LAYERS, register_layer
 from mudsc.spaces.atoms import Unsplittable
 from mudsc.spaces.context import Ctx, Meta, TDims
 from mudsc.spaces.layouts import pad, reshape, spatial_tail
@@ -254,3 +256,31 @@ def _mha(ctx: Ctx) -> tuple:
         y,
         ctx.record(TDims(tuple(ctx.fresh(n, spatial=True) for n in w_meta.shape), w_meta.shape)),
     )
+
+
+def _transposed_linear(ctx: Ctx) -> TDims:
+    """A linear layer whose weight is stored (in, out): Hugging Face's ``Conv1D`` (GPT-2)."""
+    x, w = ctx.tensor(0), ctx.module.weight
+    inp, out = x.dims[-1], ctx.fresh(w.shape[1])
+    ctx.member(_name(ctx, "weight"), 0, inp, "consumer")
+    ctx.mix(x, -1)
+    ctx.tap("input", 0, x.ndim - 1, inp, "consumer")
+    ctx.member(_name(ctx, "weight"), 1, out, "producer")
+    if _has(ctx, "bias"):
+        ctx.member(_name(ctx, "bias"), 0, out, "producer")
+    ctx.record(TDims((inp, out), tuple(w.shape)))
+    y = ctx.record(TDims(x.dims[:-1] + (out,), ctx.out_shape()))
+    ctx.tap("output", 0, y.ndim - 1, out, "producer")
+    return y
+
+
+_LIBRARY_LAYERS = {("transformers.pytorch_utils", "Conv1D"): _transposed_linear}
+
+
+def register_library_layers() -> None:
+    """Layer types of optional libraries, registered once the caller has imported the
+    library (a model from it exists then); the library is never imported here."""
+    for (module_name, class_name), rule in _LIBRARY_LAYERS.items():
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if cls is not None and all(cls not in lt.types for lt in LAYERS):
+            register_layer(cls)(rule)

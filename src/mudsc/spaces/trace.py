@@ -24,7 +24,6 @@ import torch
 from torch import fx, nn
 
 import mudsc.spaces.functions  # noqa: F401  (registers the built-in function rules)
-import mudsc.spaces.modules  # noqa: F401  (registers the built-in module rules)
 from mudsc.errors import MudscError
 from mudsc.modes import eval_mode
 from mudsc.spaces.atoms import Atoms, Layout
@@ -40,6 +39,8 @@ from mudsc.spaces.context import (
     Value,
     has_tensor,
 )  # fmt: skip
+from mudsc.spaces.module_taps import add_module_taps
+from mudsc.spaces.modules import register_library_layers
 from mudsc.spaces.rules import RULES, Rules
 from mudsc.spaces.spec import MergeSpec
 from mudsc.spaces.verify import verify_spec
@@ -104,6 +105,7 @@ def trace_model(
     :mod:`mudsc.spaces.capture`).  A ``torch.export`` program (or its ``.module()``) is
     read by the export route.
     """
+    register_library_layers()
     rules = RULES if rules is None else rules.over(RULES)
     inputs = example_input if isinstance(example_input, tuple | list) else (example_input,)
     model, exported = as_module(model)
@@ -112,8 +114,9 @@ def trace_model(
     analysis = _Analysis(model, gm, metas, rules)
     analysis.run()
     spec, keys = build(analysis.atoms, analysis.records)
+    spec = add_module_taps(model, spec, gm, analysis.values, keys, analysis.atoms, tuple(inputs))
     if verify:
-        spec = verify_spec(model, spec, inputs)
+        spec = verify_spec(model, spec, inputs, whole_batch=exported)
     return TracedModel(
         spec, gm, metas, analysis.values, keys, analysis.atoms,
         tuple(model.state_dict().keys()), type(model).__name__, taken,
@@ -216,6 +219,8 @@ def _op_name(node: fx.Node) -> str:
     if node.op == "call_method":
         return f"Tensor.{node.target}"
     target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)  # aten.roll.default
     module = getattr(target, "__module__", None) or ""
     name = getattr(target, "__name__", str(target))
     if module in ("_operator", "operator"):
@@ -287,7 +292,11 @@ class _Analysis:
         else:
             rule = self.rules.function_rule(node.target)
         if not has_tensor(meta):
-            shape_query = node.target in _SHAPE_METHODS or node.target in _SHAPE_FUNCS
+            shape_query = (
+                node.target in _SHAPE_METHODS
+                or node.target in _SHAPE_FUNCS
+                or isinstance(node.target, torch._ops.OpOverload)  # sym_size, asserts
+            )
             if not has_in or shape_query:
                 return None
             return self._unsupported(node, meta, args, kwargs, "returns a Python value")

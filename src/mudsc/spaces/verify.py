@@ -90,12 +90,17 @@ def _permute_per_group(weight: Tensor, axis: int, space: Space, src: Tensor) -> 
     return torch.cat(parts, 0)
 
 
-def verify_spec(model: nn.Module, spec: MergeSpec, inputs: tuple, tol: float = 1e-7) -> MergeSpec:
-    """Permute a randomised float64 copy of ``model``; fix (and report) spaces that break it."""
+def verify_spec(
+    model: nn.Module, spec: MergeSpec, inputs: tuple, tol: float = 1e-7, whole_batch: bool = False
+) -> MergeSpec:
+    """Permute a randomised float64 copy of ``model``; fix (and report) spaces that break it.
+
+    The check runs on the first sample only, unless ``whole_batch`` (an exported graph
+    whose batch size is fixed)."""
     if not spec.mergeable:
         return spec
     try:
-        probe, x = _probe(model, inputs)
+        probe, x = _probe(model, inputs, whole_batch)
         touched = {m.tensor for s in spec.mergeable for _, m in s.members()}
         base = {k: v.clone() for k, v in probe.state_dict().items() if k in touched}
         with torch.no_grad():
@@ -130,7 +135,7 @@ def _tied_groups(spec: MergeSpec) -> dict[str, tuple[str, ...]]:
     return {k: tuple(v) for k, v in groups.items()}
 
 
-def _probe(model: nn.Module, inputs: tuple) -> tuple[nn.Module, tuple]:
+def _probe(model: nn.Module, inputs: tuple, whole_batch: bool) -> tuple[nn.Module, tuple]:
     """A float64 eval-mode copy whose constant and small tensors are randomised.
 
     Constant tensors (zero biases, unit norm scales, zero class tokens, running statistics)
@@ -150,14 +155,14 @@ def _probe(model: nn.Module, inputs: tuple) -> tuple[nn.Module, tuple]:
                 continue
             scale = 0.5 * std if std > 0 else 0.1
             t.add_(scale * torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device))
-    return probe, tuple(_one_sample(inputs))
+    return probe, tuple(_one_sample(inputs, whole_batch))
 
 
-def _one_sample(inputs: tuple) -> list:
+def _one_sample(inputs: tuple, whole_batch: bool) -> list:
     """The first sample of a batched example input (eval mode: samples are independent)."""
     tensors = [v for v in inputs if isinstance(v, Tensor)]
     batch = {v.shape[0] if v.dim() else None for v in tensors}
-    cut = len(batch) == 1 and None not in batch
+    cut = len(batch) == 1 and None not in batch and not whole_batch
     out = []
     for v in inputs:
         if isinstance(v, Tensor):
