@@ -8,7 +8,8 @@ may fail or see nothing on these models) and the torch.export route.  Merge case
 ``merge_models`` end to end (its own trace included) on 32 calibration examples in batches
 of 16; mudsc-zip runs at most 3 weight sweeps (``--max-sweeps``) to keep a case in minutes.
 
-    python bench/hf.py                 # BERT-base and ViT-B/16 sizes, ~15-20 min on 2 cores
+    python bench/hf.py                 # BERT-base and ViT-B/16 sizes, ~25 min on 2 cores;
+                                      # zipit needs ~15 GB, mudsc-zip more than 20 GB
     python bench/hf.py --quick         # tiny sizes, a smoke test in seconds
 """
 
