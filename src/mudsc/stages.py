@@ -366,6 +366,43 @@ class Candidate:
     model: nn.Module
 
 
+PREFERRED_OUTPUTS = ("logits", "last_hidden_state")
+
+
+def output_features(output: Any) -> Tensor:
+    """A model's output as one (batch, features) tensor to compare by cosine.
+
+    Models return a tensor, a tuple, a dict or a Hugging Face ModelOutput (a dict with
+    attributes).  A named prediction (``logits``, else ``last_hidden_state``) is what the
+    model is for; other outputs (attentions, hidden states) would only dilute it.  Without
+    one, every floating tensor leaf counts, each flattened per example, in order.
+    """
+    if isinstance(output, Tensor):
+        return output.flatten(1)
+    if isinstance(output, Mapping):
+        for key in PREFERRED_OUTPUTS:
+            if isinstance(output.get(key), Tensor):
+                return output[key].flatten(1)
+    leaves = [t.flatten(1) for t in _float_leaves(output)]
+    if not leaves:
+        raise MudscError(
+            f"alpha='auto' found no floating tensor in the model's output "
+            f"({type(output).__name__}); pass a score function (score_fn) to rate candidates"
+        )
+    return torch.cat(leaves, dim=1)
+
+
+def _float_leaves(value: Any) -> list[Tensor]:
+    """The floating tensors of a nested tuple / list / dict, in order."""
+    if isinstance(value, Tensor):
+        return [value] if value.is_floating_point() else []
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in _float_leaves(v)]
+    return []
+
+
 @torch.no_grad()
 def agreement(merged: nn.Module, sources: Sequence[nn.Module], batches: Sequence[Tensor]) -> float:
     """How closely the merged model reproduces every source's outputs (mean cosine).
@@ -383,7 +420,7 @@ def agreement(merged: nn.Module, sources: Sequence[nn.Module], batches: Sequence
             )
             for out, src in zip(outs, sources, strict=True):
                 cos = torch.nn.functional.cosine_similarity(
-                    out.flatten(1), src(x).flatten(1), dim=1
+                    output_features(out), output_features(src(x)), dim=1
                 )
                 total += cos.sum().item()
                 count += len(x)
