@@ -195,3 +195,20 @@ def test_output_features_of_tuples_dicts_and_model_outputs() -> None:
     assert torch.equal(output_features(hf_out), b.flatten(1))
     with pytest.raises(MudscError, match="score_fn"):
         output_features((ints,))
+
+
+def test_partial_merge_of_a_batch_bound_export_graph_is_refused_up_front() -> None:
+    """BERT's exported graph reshapes to the example's batch size: one clear line, no work."""
+    from mudsc.errors import MudscError
+    from mudsc.merge import MergeConfig, merge_models
+
+    config = transformers.BertConfig(
+        vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=12, max_position_embeddings=16, num_labels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    models = [transformers.BertForSequenceClassification(config).eval() for _ in range(2)]
+    batches = [torch.randint(0, 30, (4, 6))]
+    cfg = MergeConfig(method="zipit", repair="none", stop_at="bert.encoder.layer.0")
+    with pytest.raises(MudscError, match="only runs at the example's batch size"):
+        merge_models(models, batches, cfg)

@@ -173,6 +173,7 @@ def trace_stage(
         check_hand_spec(model, spec, example)
     merged = full
     if stop_at is not None:
+        _check_cuttable(graph, example)
         trunk = set(trunk_spaces(full, resolve_stop(graph, stop_at, full)))
         merged = replace(
             full,
@@ -183,6 +184,24 @@ def trace_stage(
     for w in merged.warnings:
         log.warning("spec: %s", w)
     return Traced(merged, full, graph, stop_at is not None)
+
+
+def _check_cuttable(graph: TracedModel | None, example: Tensor) -> None:
+    """A partial merge runs the traced graph itself; a torch.export graph may have the
+    example's batch size built in (a reshape to a fixed shape), so try it on another
+    batch size and refuse before any work rather than fail at the first real batch."""
+    if graph is None or graph.route != "export":
+        return
+    try:
+        with torch.no_grad():
+            graph.graph(torch.cat([example, example]))
+    except Exception as exc:  # any failure means the cut graph is not usable
+        raise MudscError(
+            f"partial merges (stop_at) of this model are not available: it was captured "
+            f"with torch.export, and its graph only runs at the example's batch size "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0]}); merge the whole model "
+            "instead (no stop_at)"
+        ) from exc
 
 
 def check_hand_spec(model: nn.Module, spec: MergeSpec, example: Tensor) -> None:
