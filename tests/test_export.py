@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from archs import ARCHS, Branchy, TokenModel
+from hf_tiny import bert, gpt2, vit
 from invariance import assert_invariant, permute_model, randomise_
 from test_spec import _ZOO, _zoo
 from torch import Tensor, nn
@@ -187,35 +188,13 @@ def test_partial_merge_cuts_the_export_graph() -> None:
 transformers = pytest.importorskip("transformers")
 
 
-def _bert(cls: type) -> nn.Module:
-    return cls(transformers.BertConfig(
-        vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=12, max_position_embeddings=16, num_labels=3,
-    ))  # fmt: skip
-
-
-def _vit(cls: type) -> nn.Module:
-    return cls(transformers.ViTConfig(
-        image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=12, num_labels=3,
-    ))  # fmt: skip
-
-
-def _gpt2(cls: type) -> nn.Module:
-    config = transformers.GPT2Config(
-        vocab_size=30, n_positions=16, n_embd=8, n_layer=1, n_head=2, use_cache=False,
-        bos_token_id=0, eos_token_id=0,
-    )  # fmt: skip
-    return cls(config)
-
-
 _TOKENS = torch.randint(0, 30, (2, 5), generator=torch.Generator().manual_seed(0))
 _IMAGES = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize(("make", "prefix", "head"), [
-    (lambda: _bert(transformers.BertModel), "", False),
-    (lambda: _bert(transformers.BertForSequenceClassification), "bert.", True),
+    (lambda: bert(transformers.BertModel), "", False),
+    (lambda: bert(transformers.BertForSequenceClassification), "bert.", True),
 ])  # fmt: skip
 def test_bert(make: Callable[[], nn.Module], prefix: str, head: bool) -> None:
     spec = _checked(make(), _TOKENS)
@@ -229,8 +208,8 @@ def test_bert(make: Callable[[], nn.Module], prefix: str, head: bool) -> None:
 
 
 @pytest.mark.parametrize(("make", "prefix", "head"), [
-    (lambda: _vit(transformers.ViTModel), "", False),
-    (lambda: _vit(transformers.ViTForImageClassification), "vit.", True),
+    (lambda: vit(transformers.ViTModel), "", False),
+    (lambda: vit(transformers.ViTForImageClassification), "vit.", True),
 ])  # fmt: skip
 def test_vit(make: Callable[[], nn.Module], prefix: str, head: bool) -> None:
     model = make()
@@ -253,7 +232,7 @@ def test_vit(make: Callable[[], nn.Module], prefix: str, head: bool) -> None:
     ("GPT2Model", "", False), ("GPT2LMHeadModel", "transformer.", True),
 ])  # fmt: skip
 def test_gpt2_fused_qkv_on_the_transposed_conv1d(cls: str, prefix: str, head: bool) -> None:
-    spec = _checked(_gpt2(getattr(transformers, cls)), _TOKENS)
+    spec = _checked(gpt2(getattr(transformers, cls)), _TOKENS)
     w = f"{prefix}h.0.attn.c_attn.weight"  # (in, 3 * embed): q | k | v columns
     _heads(_space(spec, w, 1, 0), _space(spec, w, 1, 16), 2)
     assert _space(spec, w, 1, 8) is _space(spec, w, 1, 0)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from hf_tiny import VOCAB, bert, gpt2, vit
 from invariance import _tensors, permute_model, randomise_
 from torch import Tensor, nn
 
@@ -27,7 +28,6 @@ from mudsc.stages import output_features
 transformers = pytest.importorskip("transformers")
 
 NOT_AVG = [m for m in METHODS if m != "avg"]
-VOCAB = 30
 
 
 class _Encoder(nn.Module):
@@ -42,27 +42,6 @@ class _Encoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.encoder(self.proj(x)))
-
-
-def _bert(cls: type) -> nn.Module:
-    return cls(transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=12, max_position_embeddings=16, num_labels=3,
-    ))  # fmt: skip
-
-
-def _vit(cls: type) -> nn.Module:
-    return cls(transformers.ViTConfig(
-        image_size=8, patch_size=4, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=12, num_labels=3,
-    ))  # fmt: skip
-
-
-def _gpt2(cls: type) -> nn.Module:
-    return cls(transformers.GPT2Config(
-        vocab_size=VOCAB, n_positions=16, n_embd=8, n_layer=1, n_head=2, use_cache=False,
-        bos_token_id=0, eos_token_id=0,
-    ))  # fmt: skip
 
 
 def _resnet() -> nn.Module:
@@ -90,15 +69,15 @@ def _sequences(gen: torch.Generator) -> Tensor:
 
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], Tensor]]] = {
-    "BertModel": (lambda: _bert(transformers.BertModel), _tokens),
+    "BertModel": (lambda: bert(transformers.BertModel), _tokens),
     "BertForSequenceClassification": (
-        lambda: _bert(transformers.BertForSequenceClassification),
+        lambda: bert(transformers.BertForSequenceClassification),
         _tokens,
     ),
-    "ViTModel": (lambda: _vit(transformers.ViTModel), _images),
-    "ViTForImageClassification": (lambda: _vit(transformers.ViTForImageClassification), _images),
-    "GPT2Model": (lambda: _gpt2(transformers.GPT2Model), _tokens),
-    "GPT2LMHeadModel": (lambda: _gpt2(transformers.GPT2LMHeadModel), _tokens),
+    "ViTModel": (lambda: vit(transformers.ViTModel), _images),
+    "ViTForImageClassification": (lambda: vit(transformers.ViTForImageClassification), _images),
+    "GPT2Model": (lambda: gpt2(transformers.GPT2Model), _tokens),
+    "GPT2LMHeadModel": (lambda: gpt2(transformers.GPT2LMHeadModel), _tokens),
     "ResNetForImageClassification": (_resnet, _images),
     "ConvNextForImageClassification": (_convnext, _images),
     "TransformerEncoder": (_Encoder, _sequences),
@@ -199,16 +178,9 @@ def test_output_features_of_tuples_dicts_and_model_outputs() -> None:
 
 def test_partial_merge_of_a_batch_bound_export_graph_is_refused_up_front() -> None:
     """BERT's exported graph reshapes to the example's batch size: one clear line, no work."""
-    from mudsc.errors import MudscError
-    from mudsc.merge import MergeConfig, merge_models
-
-    config = transformers.BertConfig(
-        vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=12, max_position_embeddings=16, num_labels=3,
-    )  # fmt: skip
     torch.manual_seed(0)
-    models = [transformers.BertForSequenceClassification(config).eval() for _ in range(2)]
-    batches = [torch.randint(0, 30, (4, 6))]
+    models = [bert(transformers.BertForSequenceClassification).eval() for _ in range(2)]
+    batches = [torch.randint(0, VOCAB, (4, 6))]
     cfg = MergeConfig(method="zipit", repair="none", stop_at="bert.encoder.layer.0")
     with pytest.raises(MudscError, match="only runs at the example's batch size"):
         merge_models(models, batches, cfg)
