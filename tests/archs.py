@@ -288,6 +288,21 @@ class TokenModel(nn.Module):
         return self.head(x.mean(1))
 
 
+class TorchEncoder(nn.Module):
+    """nn.TransformerEncoder between an input projection and a head: its residual stream is
+    neither the model's input nor its output (torch.fx sees the encoder as one opaque leaf)."""
+
+    def __init__(self, batch_first: bool = True) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 8)
+        layer = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=batch_first)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.encoder(self.proj(x)))
+
+
 ARCHS = {
     "densenet": DenseNetish,
     "mobilenet": MobileNetish,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from archs import ARCHS, Branchy, TokenModel
+from archs import ARCHS, Branchy, TokenModel, TorchEncoder
 from hf_tiny import bert, gpt2, vit
 from invariance import assert_invariant, permute_model, randomise_
 from test_spec import _ZOO, _zoo
@@ -96,27 +96,12 @@ def _checked(model: nn.Module, *inputs: Tensor) -> MergeSpec:
     return traced.spec
 
 
-class _Encoder(nn.Module):
-    """A TransformerEncoder between an input projection and a head: its residual stream
-    is neither the model's input nor its output."""
-
-    def __init__(self, batch_first: bool) -> None:
-        super().__init__()
-        self.proj = nn.Linear(4, 8)
-        layer = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=batch_first)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.encoder(self.proj(x)))
-
-
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_transformer_encoder(batch_first: bool) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 5, 4) if batch_first else torch.randn(5, 2, 4)
-    assert trace_model(_Encoder(batch_first), x, route="fx").spec.mergeable == ()  # opaque
-    spec = _checked(_Encoder(batch_first), x)
+    assert trace_model(TorchEncoder(batch_first), x, route="fx").spec.mergeable == ()  # opaque
+    spec = _checked(TorchEncoder(batch_first), x)
     for i in range(2):
         p = f"encoder.layers.{i}"
         w = f"{p}.self_attn.in_proj_weight"
@@ -176,9 +161,9 @@ def test_space_of_functional_ops_is_tapped_at_its_module_output(route: str) -> N
 def test_partial_merge_cuts_the_export_graph() -> None:
     """A permuted copy merged up to a layer: the trunk is exact, the heads are the sources'."""
     torch.manual_seed(0)
-    a = _Encoder(batch_first=True).eval()
+    a = TorchEncoder(batch_first=True).eval()
     data = [torch.randn(4, 5, 4) for _ in range(2)]
-    b = _Encoder(batch_first=True).eval()
+    b = TorchEncoder(batch_first=True).eval()
     b.load_state_dict(permute_model(a, trace(a, data[0]), torch.Generator().manual_seed(5)))
     merged = merge([a, b], data, "zipit", repair="none", stop_at="encoder.layers.0")
     with torch.no_grad():

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from archs import TorchEncoder
 from hf_tiny import VOCAB, bert, gpt2, vit
 from invariance import _tensors, permute_model, randomise_
 from torch import Tensor, nn
@@ -28,20 +29,6 @@ from mudsc.stages import output_features
 transformers = pytest.importorskip("transformers")
 
 NOT_AVG = [m for m in METHODS if m != "avg"]
-
-
-class _Encoder(nn.Module):
-    """nn.TransformerEncoder between an input projection and a head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(4, 8)
-        layer = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True)
-        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.encoder(self.proj(x)))
 
 
 def _resnet() -> nn.Module:
@@ -80,7 +67,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Callable[[torch.Generator], Ten
     "GPT2LMHeadModel": (lambda: gpt2(transformers.GPT2LMHeadModel), _tokens),
     "ResNetForImageClassification": (_resnet, _images),
     "ConvNextForImageClassification": (_convnext, _images),
-    "TransformerEncoder": (_Encoder, _sequences),
+    "TransformerEncoder": (TorchEncoder, _sequences),
 }
 
 
