@@ -303,6 +303,44 @@ class TorchEncoder(nn.Module):
         return self.head(self.encoder(self.proj(x)))
 
 
+class Upsampler(nn.Module):
+    """Transposed convolutions, plain, grouped (groups=4) and depthwise, with BatchNorm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 12, 4, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(12)
+        self.grouped = nn.ConvTranspose2d(12, 8, 3, padding=1, groups=4)
+        self.depthwise = nn.ConvTranspose2d(8, 8, 3, padding=1, groups=8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn(self.up(F.relu(self.stem(x)))))
+        x = F.relu(self.depthwise(F.relu(self.grouped(x))))
+        return self.head(x.mean((2, 3)))
+
+
+class FunctionalConvs(nn.Module):
+    """Convolutions called functionally on the module's own parameters, transposed too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.Parameter(torch.randn(8, 6, 4, 4) / 8)
+        self.up_bias = nn.Parameter(torch.zeros(6))
+        self.depthwise = nn.Parameter(torch.randn(6, 1, 3, 3) / 3)
+        self.mix = nn.Parameter(torch.randn(7, 6, 1, 1) / 3)
+        self.head = nn.Linear(7, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.stem(x))
+        x = F.relu(F.conv_transpose2d(x, self.up, bias=self.up_bias, stride=2, padding=1))
+        x = F.relu(F.conv_transpose2d(x, self.depthwise, padding=1, groups=6))
+        x = F.relu(F.conv2d(x, self.mix))
+        return self.head(x.mean((2, 3)))
+
+
 ARCHS = {
     "densenet": DenseNetish,
     "mobilenet": MobileNetish,
@@ -315,4 +353,6 @@ ARCHS = {
     "shuffled": Shuffled,
     "convnext": ConvNeXtish,
     "squeeze-excite": SqueezeExcite,
+    "upsampler": Upsampler,
+    "functional-convs": FunctionalConvs,
 }

@@ -107,29 +107,37 @@ def _embedding(ctx: Ctx) -> TDims:
     return ctx.record(TDims(idx.dims + (w.dims[1],), ctx.out_shape()))
 
 
-_CONV = {aten.conv1d: 1, aten.conv2d: 2, aten.conv3d: 3, aten.convolution: 0}
+# functional convolutions, ATen and torch level (F.conv2d is torch.conv2d): transposed?
+_CONV = {
+    aten.conv1d: False, aten.conv2d: False, aten.conv3d: False,
+    aten.conv_transpose1d: True, aten.conv_transpose2d: True, aten.conv_transpose3d: True,
+    torch.conv1d: False, torch.conv2d: False, torch.conv3d: False,
+    torch.conv_transpose1d: True, torch.conv_transpose2d: True, torch.conv_transpose3d: True,
+}  # fmt: skip
 
 
-@register_function_rule(*_CONV)
+@register_function_rule(aten.convolution, *_CONV)
 def _conv(ctx: Ctx) -> TDims:
-    """Functional convolution: weight (out, in/groups, *k); transposed ones are refused."""
-    x, w, b = ctx.tensor(0), ctx.tensor(1), ctx.tensor(2)
-    if ctx.node.target.overloadpacket is aten.convolution:
-        if ctx.arg(6, "transposed"):
-            raise Unsplittable("transposed functional convolution")
-        groups = ctx.arg(8, "groups")
+    """Functional convolution: weight (out, in/groups, *k), or (in, out/groups, *k) when
+    transposed; plain and depthwise ones are split, other grouped ones are refused."""
+    x, w = ctx.tensor(0), ctx.tensor(1)
+    b = ctx.tensor(2) if len(ctx.args) > 2 else ctx.tensor("bias")
+    target = getattr(ctx.node.target, "overloadpacket", ctx.node.target)
+    if target is aten.convolution:
+        transposed, groups = bool(ctx.arg(6, "transposed")), ctx.arg(8, "groups")
     else:
-        groups = ctx.arg(6, "groups", 1)
+        transposed, groups = _CONV[target], ctx.arg(6, "groups", 1)
+    w_in, w_out = (0, 1) if transposed else (1, 0)
     ch, shape = 1, ctx.out_shape()
     for d in x.dims[ch + 1 :]:
         ctx.atoms.fix_layout(d, "convolved spatial axis")
     for d in w.dims[2:]:
         ctx.atoms.fix_layout(d, "kernel axis")
     if groups == 1:
-        ctx.union(x.dims[ch], w.dims[1])
+        ctx.union(x.dims[ch], w.dims[w_in])
         ctx.mix(x, ch)
-        ctx.consume(w, 1)
-        out = w.dims[0]
+        ctx.consume(w, w_in)
+        out = w.dims[w_out]
     elif groups == x.shape[ch] == shape[ch] and w.shape[1] == 1:
         ctx.union(x.dims[ch], w.dims[0])  # depthwise
         ctx.atoms.fix_layout(w.dims[1], "depthwise kernel")

@@ -140,6 +140,36 @@ def _conv(ctx: Ctx) -> TDims:
 register_layer(nn.Conv2d, channel_axis="first", channels_last=True)(_conv)
 
 
+@register_layer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, channel_axis="first")
+def _conv_transpose(ctx: Ctx) -> TDims:
+    """Weight stored (in, out/groups, *k): the input axis is whole, the output per group."""
+    m, x = ctx.module, ctx.tensor(0)
+    ch = x.ndim - len(m.kernel_size) - 1
+    cin, shape = x.dims[ch], ctx.out_shape()
+    for d in x.dims[ch + 1 :]:
+        ctx.atoms.fix_layout(d, "convolved spatial axis")
+    spatial = tuple(ctx.fresh(n, spatial=True) for n in shape[ch + 1 :])
+    weight = _name(ctx, "weight")
+    if m.groups == m.in_channels == m.out_channels and m.groups > 1:
+        out = cin  # depthwise: each channel is filtered on its own
+        ctx.member(weight, 0, out, "producer")
+    else:
+        out = ctx.fresh(m.out_channels)
+        ctx.member(weight, 0, cin, "consumer")
+        ctx.member(weight, 1, out, "producer", per_group=m.groups > 1)
+        if m.groups > 1:
+            ctx.groups(cin, m.groups, ctx.path)
+            ctx.groups(out, m.groups, ctx.path)
+            ctx.tie(cin, out, f"{ctx.path}.groups")
+        ctx.mix(x, ch)
+        ctx.tap("input", 0, ch, cin, "consumer")
+    if _has(ctx, "bias"):
+        ctx.member(_name(ctx, "bias"), 0, out, "producer")
+    y = ctx.record(TDims(x.dims[:ch] + (out,) + spatial, shape))
+    ctx.tap("output", 0, ch, out, "producer")
+    return y
+
+
 @register_layer(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, norm="batchnorm")
 def _batchnorm(ctx: Ctx) -> TDims:
     return _per_channel(ctx, 1)
