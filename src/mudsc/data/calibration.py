@@ -41,20 +41,13 @@ def draw_calibration(
     """``size`` training images of ``classes`` (None: every class), drawn with ``seed``.
 
     With ``holdout`` the last ``max(1, int(size * holdout))`` drawn images are kept aside,
-    labelled, to score candidate merges.  With ``augment`` the dataset's crop/flip policy
+    labelled, to score candidate merges; fewer than one per class is refused
+    (:func:`check_labelled_holdout`).  With ``augment`` the dataset's crop/flip policy
     is applied to the fit images after normalisation (crop padding takes the channel mean),
     drawing from the same generator right after the permutation.
     """
     check_batch_size(batch_size)
-    if classes is None:
-        images, labels = dataset.train_images, dataset.train_labels
-    else:
-        images, labels = dataset.subset(classes, split="train")
-    if len(images) == 0:
-        raise DataError(
-            f"dataset {dataset.name!r} has no training images of the classes {list(classes or [])}"
-            "; choose classes it has images of"
-        )
+    images, labels = _pool(dataset, classes)
     if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= len(images):
         raise ConfigError(
             f"asked for {size!r} calibration images but the chosen classes have {len(images)} "
@@ -77,6 +70,21 @@ def draw_calibration(
         held = (dataset.normalize(images[order[cut:]]), labels[order[cut:]])
     batches = [fit[i : i + batch_size] for i in range(0, len(fit), batch_size)]
     return CalibrationSet(batches, held)
+
+
+def _pool(
+    dataset: ImageDataset, classes: Sequence[int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images (and labels) to draw from; none at all is refused."""
+    if classes is None:
+        return dataset.train_images, dataset.train_labels
+    images, labels = dataset.subset(classes, split="train")
+    if len(images) == 0:
+        raise DataError(
+            f"dataset {dataset.name!r} has no training images of the classes {list(classes)}; "
+            "choose classes it has images of"
+        )
+    return images, labels
 
 
 def check_labelled_holdout(held: int, n_classes: int, holdout: float) -> None:
