@@ -175,8 +175,10 @@ def test_register_in_memory_dataset_then_unregister(tmp_path: Path) -> None:
     DATASETS.register(MemorySource("test-tiny", _tiny_dataset))
     try:
         assert dataset_names() == [*before, "test-tiny"]
-        tiny = load_dataset("Test_Tiny", tmp_path / "ignored")
+        tiny = load_dataset("Test_Tiny")
         assert tiny.name == "test-tiny" and tiny.class_names == ["a", "b"]
+        with pytest.raises(MudscError, match="'test-tiny' needs no data dir"):
+            load_dataset("Test_Tiny", tmp_path / "ignored")
         with pytest.raises(MudscError, match="a dataset named 'test-tiny' is already registered"):
             DATASETS.register(MemorySource("test-tiny", _tiny_dataset))
     finally:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mudsc import __version__
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError
 from mudsc.methods import METHODS, Method
 from mudsc.progress import Progress
 from mudsc.renorm import REPAIR_MODES
@@ -32,6 +32,7 @@ from mudsc.stages import (
     alpha_search,
     apply_stage,
     break_dead_ties,
+    check_holdout_data,
     layout_stage,
     prepare_stage,
     repair_stage,
@@ -94,13 +95,18 @@ class MergeConfig:
         _check_alpha_grid(self.alpha_grid)
         _check_holdout(self.holdout)
         _check_zip(self.zip_a, self.zip_b)
-        if self.max_sweeps < 1 or self.patience < 1:
-            raise MudscError("max_sweeps and patience must be >= 1")
+        for name in ("max_sweeps", "patience"):
+            _check_int(name, getattr(self, name), low=1)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer, got {self.seed!r}")
+        if not _is_number(self.tolerance) or not 0 <= self.tolerance < math.inf:
+            raise ConfigError(f"tolerance must be a finite number >= 0, got {self.tolerance!r}")
         if self.repair not in REPAIR_MODES:
-            raise MudscError(f"unknown repair {self.repair!r}; valid: {', '.join(REPAIR_MODES)}")
+            raise ConfigError(f"unknown repair {self.repair!r}; valid: {', '.join(REPAIR_MODES)}")
         _check_stop_at(self.stop_at)
         if self.stats_dtype not in ("float32", "float64"):
-            raise MudscError("stats_dtype must be 'float32' or 'float64'")
+            raise ConfigError("stats_dtype must be 'float32' or 'float64'")
+        _check_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -108,40 +114,62 @@ class MergeConfig:
         return d
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: object, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _check_device(device: object) -> None:
+    """A device torch can name and compute on (whether it is present is found when the
+    models move there); 'meta' tensors hold no values, so a merge there means nothing."""
+    try:
+        kind = torch.device(device).type  # type: ignore[call-overload]
+    except (RuntimeError, TypeError):
+        kind = "meta"
+    if kind == "meta":
+        raise ConfigError(f"device must be a torch device such as 'cpu' or 'cuda:0', "
+                          f"got {device!r}")  # fmt: skip
+
+
 def _parse_alpha(alpha: float | str) -> float | str:
     """A number in [0, 1] (text is parsed) or 'auto'."""
+    value: object = alpha
     if isinstance(alpha, str):
         if alpha == "auto":
             return alpha
         try:
-            alpha = float(alpha)
+            value = float(alpha)
         except ValueError:
-            raise MudscError(f"alpha must be a number in [0, 1] or 'auto', got {alpha!r}") from None
-    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
-        raise MudscError(f"alpha must be in [0, 1] (or 'auto'), got {alpha}")
-    return alpha
+            value = None
+    if not isinstance(value, float | int) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise ConfigError(f"alpha must be in [0, 1] or 'auto', got {alpha!r}")
+    return value
 
 
 def _check_alpha_grid(grid: tuple[float, ...]) -> None:
-    if not grid or any(not 0.0 <= a <= 1.0 for a in grid):
-        raise MudscError(f"alpha_grid values must lie in [0, 1], got {grid}")
+    if not grid or any(not _is_number(a) or not 0.0 <= a <= 1.0 for a in grid):
+        raise ConfigError(f"alpha_grid values must lie in [0, 1], got {grid}")
 
 
 def _check_holdout(holdout: float) -> None:
-    if not 0.0 < holdout < 1.0:
-        raise MudscError(f"holdout must be a fraction in (0, 1), got {holdout}")
+    if not _is_number(holdout) or not 0.0 < holdout < 1.0:
+        raise ConfigError(f"holdout must be a fraction in (0, 1), got {holdout}")
 
 
 def _check_zip(zip_a: float, zip_b: float) -> None:
-    if not 0 <= zip_b <= 1:
-        raise MudscError(f"zip_b (within-model budget share) must be in [0, 1], got {zip_b}")
-    if zip_a > 1:
-        raise MudscError(f"zip_a (re-merge damping) must be <= 1, got {zip_a}")
+    if not _is_number(zip_b) or not 0 <= zip_b <= 1:
+        raise ConfigError(f"zip_b (within-model budget share) must be in [0, 1], got {zip_b!r}")
+    if not _is_number(zip_a) or not -math.inf < zip_a <= 1:
+        raise ConfigError(f"zip_a (re-merge damping) must be a finite number <= 1, got {zip_a!r}")
 
 
 def _check_stop_at(stop_at: object) -> None:
     if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, (str, int))):
-        raise MudscError(
+        raise ConfigError(
             f"stop_at must be a module path (str) or a number of spaces (int), got {stop_at!r}"
         )
 
@@ -214,11 +242,13 @@ def merge_models(
     inputs = prepare_stage(
         models, data, cfg.method, method.needs_activations, cfg.repair, cfg.device, example_input
     )
+    held_out = method.uses_alpha and cfg.alpha == "auto" and score_fn is None
+    if held_out:
+        check_holdout_data(inputs.batches)
     timer = StageTimer()
     with timer.stage("trace"):
         traced = trace_stage(inputs.models[0], spec, inputs.example, cfg.stop_at)
     sources, batches = layout_stage(inputs.models, inputs.batches)
-    held_out = method.uses_alpha and cfg.alpha == "auto" and score_fn is None
     fit, held = split_holdout(batches, cfg.holdout) if held_out else (batches, [])
     s_act: dict[str, Tensor] = {}
     if method.needs_activations:
@@ -312,6 +342,6 @@ def merge(
     known = {f.name for f in fields(MergeConfig)}
     unknown = sorted(set(config) - known)
     if unknown:
-        raise MudscError(f"unknown merge option(s) {unknown}; valid options: {sorted(known)}")
+        raise ConfigError(f"unknown merge option(s) {unknown}; valid options: {sorted(known)}")
     cfg = MergeConfig(method=method, **config)
     return merge_models(models, data, cfg, spec, score_fn, example_input).model

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -21,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from mudsc.apply import apply_matches
-from mudsc.errors import MudscError
+from mudsc.errors import CheckpointError, ConfigError, DataError, SpecError
+from mudsc.evaluate import check_finite_weights, check_input_shape
 from mudsc.layers import prefers_channels_last
 from mudsc.modes import eval_mode
 from mudsc.partial import PartialMerge, build_partial, resolve_stop, trunk_spaces
@@ -55,38 +57,32 @@ class Inputs:
 def check_models(models: Sequence[nn.Module]) -> None:
     """Same architecture, same shapes, finite weights: fail before any work."""
     if len(models) < 2:
-        raise MudscError(f"merging needs at least two models, got {len(models)}")
+        raise ConfigError(f"merging needs at least two models, got {len(models)}")
     ref_type = type(models[0])
     ref = models[0].state_dict()
     for i, model in enumerate(models):
         if type(model) is not ref_type:
-            raise MudscError(
+            raise CheckpointError(
                 f"model {i} is a {type(model).__name__} but model 0 is a {ref_type.__name__}; "
                 "merge models of one architecture"
             )
-        state = model.state_dict()
-        _check_same_tensors(i, state, ref)
-        for key, t in state.items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise MudscError(
-                    f"model {i} has NaN or infinite values in {key!r}; the checkpoint is broken "
-                    "(re-train or re-export it)"
-                )
+        _check_same_tensors(i, model.state_dict(), ref)
+        check_finite_weights(model, f"model {i}")
 
 
 def _check_same_tensors(i: int, state: Mapping[str, Tensor], ref: Mapping[str, Tensor]) -> None:
     for key, t in ref.items():
         other = state.get(key)
         if other is None:
-            raise MudscError(f"model {i} has no tensor {key!r} (model 0 has it)")
+            raise CheckpointError(f"model {i} has no tensor {key!r} (model 0 has it)")
         if other.shape != t.shape:
-            raise MudscError(
+            raise CheckpointError(
                 f"tensor {key!r} has shape {tuple(other.shape)} in model {i} but "
                 f"{tuple(t.shape)} in model 0; merge models of the same widths"
             )
     extra = set(state) - set(ref)
     if extra:
-        raise MudscError(f"model {i} has tensors model 0 lacks, e.g. {sorted(extra)[0]!r}")
+        raise CheckpointError(f"model {i} has tensors model 0 lacks, e.g. {sorted(extra)[0]!r}")
 
 
 def materialise(data: Iterable[Any] | None) -> list[Tensor]:
@@ -97,7 +93,7 @@ def materialise(data: Iterable[Any] | None) -> list[Tensor]:
     for b in data:
         x = b[0] if isinstance(b, (tuple, list)) else b
         if not isinstance(x, Tensor):
-            raise MudscError(f"calibration batches must be tensors, got {type(x).__name__}")
+            raise DataError(f"calibration batches must be tensors, got {type(x).__name__}")
         if len(x):
             batches.append(x)
     return batches
@@ -119,14 +115,16 @@ def prepare_stage(
     batches = materialise(data)
     mode = resolve_mode(repair_mode, models[0])
     if (needs_activations or mode != "none") and not batches:
-        raise MudscError(
+        raise DataError(
             f"method {method!r} (repair {mode!r}) needs calibration data, but the data "
             "iterable is empty; pass input batches (or repair='none' for weight-only methods)"
         )
     if example_input is None:
         if not batches:
-            raise MudscError("pass example_input (or calibration data) so the model can be traced")
+            raise ConfigError("pass example_input (or calibration data) so the model can be traced")
         example_input = batches[0][:2]
+    for x in (example_input, *batches):
+        check_input_shape(models[0], x, "the calibration inputs")
     dev = torch.device(device)
     return Inputs(
         [m if _on(m, dev) else copy.deepcopy(m).to(dev) for m in models],
@@ -196,7 +194,7 @@ def _check_cuttable(graph: TracedModel | None, example: Tensor) -> None:
         with torch.no_grad():
             graph.graph(torch.cat([example, example]))
     except Exception as exc:  # any failure means the cut graph is not usable
-        raise MudscError(
+        raise SpecError(
             f"partial merges (stop_at) of this model are not available: it was captured "
             f"with torch.export, and its graph only runs at the example's batch size "
             f"({type(exc).__name__}: {str(exc).splitlines()[0]}); merge the whole model "
@@ -218,7 +216,7 @@ def check_hand_spec(model: nn.Module, spec: MergeSpec, example: Tensor) -> None:
         for w in checked.warnings[len(spec.warnings) :]:
             log.warning("spec: %s", w)
         return
-    raise MudscError(
+    raise SpecError(
         f"the given spec is wrong for this model: permuting space(s) {', '.join(wrong)} "
         "changes its output (a member is missing, or an output space is not marked fixed); "
         "mark them fixed, add the missing members, or let mudsc trace the model (spec=None)"
@@ -241,12 +239,20 @@ def layout_stage(
     return models, batches
 
 
+def check_holdout_data(batches: Sequence[Tensor]) -> None:
+    """alpha='auto' without a score function needs one sample to fit on and one to score."""
+    if sum(len(b) for b in batches) < 2:
+        raise DataError(
+            "alpha='auto' scores each alpha on held-out calibration inputs, so it needs at "
+            "least 2 of them; give more calibration data or a fixed alpha"
+        )
+
+
 def split_holdout(batches: list[Tensor], fraction: float) -> tuple[list[Tensor], list[Tensor]]:
     """Held-out slice for scoring alpha: the last batches (or half of a single batch)."""
+    check_holdout_data(batches)
     if len(batches) == 1:
         x = batches[0]
-        if len(x) < 2:
-            raise MudscError("alpha='auto' needs at least 2 calibration images")
         cut = max(1, int(len(x) * (1 - fraction)))
         return [x[:cut]], [x[cut:]]
     k = min(len(batches) - 1, max(1, round(len(batches) * fraction)))
@@ -265,7 +271,14 @@ def statistics_stage(
     progress: Progress | None = None,
 ) -> dict[str, SpaceMoments]:
     """Activation moments of every mergeable space that has taps (the others are matched
-    on weights alone)."""
+    on weights alone).  Fewer than 2 samples are refused (no variance exists); too few to
+    estimate a space's correlations are warned about (:func:`warn_thin_statistics`)."""
+    samples = sum(len(b) for b in batches)
+    if samples < 2:
+        raise DataError(
+            f"activation statistics need at least 2 calibration samples (variance is undefined "
+            f"for {samples}); give more calibration data or a weight-only method"
+        )
     tapped = [s.name for s in spec.mergeable if s.taps]
     missing = [s.name for s in spec.mergeable if not s.taps]
     if missing:
@@ -278,7 +291,7 @@ def statistics_stage(
             shuffled,
         )
         tapped = [name for name in tapped if name not in shuffled]
-    return collect_moments(
+    moments = collect_moments(
         models,
         spec,
         tracked(batches, "statistics", progress),
@@ -286,6 +299,31 @@ def statistics_stage(
         spaces=tapped,
         dtype=torch.float64 if dtype == "float64" else torch.float32,
     )
+    warn_thin_statistics(moments, samples)
+    return moments
+
+
+def warn_thin_statistics(moments: Mapping[str, SpaceMoments], samples: int) -> None:
+    """Warn (one line) when a space saw too few rows for its correlation matrix.
+
+    The stacked features of a space are ``w`` wide (N models x n units); their sample
+    covariance from ``r`` rows has rank at most ``r - 1``, so ``r <= w`` leaves the
+    correlations rank-deficient and the matching partly arbitrary.  A space sees a fixed
+    number of rows per sample (1 after pooling, H x W for a conv map), so the advisable
+    sample count scales each short space's ``w + 1`` by its rows per sample.
+    """
+    short = {name: m for name, m in moments.items() if m.count <= m.sum.shape[0]}
+    if not short:
+        return
+    need = {name: math.ceil((m.sum.shape[0] + 1) * samples / m.count) for name, m in short.items()}
+    worst = max(need, key=need.__getitem__)
+    log.warning(
+        "%d calibration samples are too few to estimate activation correlations in %d of %d "
+        "spaces (e.g. %s: %d rows for %d stacked units, a rank-deficient estimate); "
+        "%d or more samples are advisable",
+        samples, len(short), len(moments), worst, short[worst].count,
+        short[worst].sum.shape[0], need[worst],
+    )  # fmt: skip
 
 
 def activation_similarities(moments: Mapping[str, SpaceMoments]) -> dict[str, Tensor]:
@@ -404,7 +442,7 @@ def output_features(output: Any) -> Tensor:
                 return output[key].flatten(1)
     leaves = [t.flatten(1) for t in _float_leaves(output)]
     if not leaves:
-        raise MudscError(
+        raise ConfigError(
             f"alpha='auto' found no floating tensor in the model's output "
             f"({type(output).__name__}); pass a score function (score_fn) to rate candidates"
         )

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from mudsc.data import ImageDataset, augment, validate_classes
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError, DataError
+from mudsc.evaluate import check_input_shape
 from mudsc.models import create
 from mudsc.models.head import ClassEmbeddingHead
 from mudsc.modes import train_mode
@@ -54,19 +55,35 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "epochs": self.epochs > 0,
-            "batch_size": self.batch_size > 0,
-            "lr": self.lr > 0,
-            "momentum": 0 <= self.momentum < 1,
-            "weight_decay": self.weight_decay >= 0,
-            "warmup_epochs": self.warmup_epochs >= 0,
-            "crop_padding": self.crop_padding is None or self.crop_padding >= 0,
+            "epochs": _is_int(self.epochs) and self.epochs > 0,
+            "batch_size": _is_int(self.batch_size) and self.batch_size > 0,
+            "lr": _is_finite(self.lr) and self.lr > 0,
+            "momentum": _is_finite(self.momentum) and 0 <= self.momentum < 1,
+            "weight_decay": _is_finite(self.weight_decay) and self.weight_decay >= 0,
+            "warmup_epochs": _is_finite(self.warmup_epochs) and self.warmup_epochs >= 0,
+            "augment": isinstance(self.augment, bool),
+            "crop_padding": self.crop_padding is None or _is_count(self.crop_padding),
+            "seed": _is_int(self.seed),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
-            raise MudscError(
-                f"invalid training settings: {', '.join(f'{k}={getattr(self, k)}' for k in bad)}"
+            raise ConfigError(
+                f"invalid training settings: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}"
+                " (epochs, batch_size: integers >= 1; lr > 0; momentum in [0, 1); weight_decay,"
+                " warmup_epochs, crop_padding >= 0)"
             )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_count(value: object) -> bool:
+    return _is_int(value) and value >= 0  # type: ignore[operator]
+
+
+def _is_finite(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -124,16 +141,20 @@ def train(
     }
     arch_args.setdefault("embed_dim", head.dim)
     if arch_args["embed_dim"] != head.dim:
-        raise MudscError(
+        raise ConfigError(
             f"embed_dim {arch_args['embed_dim']} must equal the head's dimension {head.dim}"
+        )
+    images, labels = dataset.subset(classes, split="train")
+    if len(images) == 0:
+        raise DataError(
+            f"the training split of {dataset.name} has no images of classes {classes}; "
+            "choose classes the dataset has training images of"
         )
 
     torch.manual_seed(config.seed)
     model = create(arch, **arch_args).to(device)
+    check_input_shape(model, images, f"the {dataset.name} images")
     head = head.to(device)
-    images, labels = dataset.subset(classes, split="train")
-    if len(images) == 0:
-        raise MudscError(f"the training split of {dataset.name} has no images of classes {classes}")
     lookup = torch.full((dataset.num_classes,), -1, dtype=torch.long)
     lookup[torch.tensor(classes)] = torch.arange(len(classes))
     targets_all = lookup[labels]
@@ -196,6 +217,8 @@ def fit(
     with an error. ``progress`` hears ``(stage, epoch, epochs, note)`` at the start (epoch 0)
     and after every epoch; the models come back in eval mode, ready for inference.
     """
+    if n_images < 1:
+        raise DataError(f"{stage}: there are no training images to fit on")
     steps_per_epoch = math.ceil(n_images / config.batch_size)
     total = steps_per_epoch * config.epochs
     warmup = round(config.warmup_epochs * steps_per_epoch)
@@ -214,7 +237,7 @@ def fit(
                     group["lr"] = lr_at(step, total, warmup, config.lr)
                 loss, batch_sums = batch_loss(idx)
                 if not torch.isfinite(loss):
-                    raise MudscError(
+                    raise ConfigError(
                         f"{stage}: training diverged at epoch {epoch} (loss {loss.item()}); "
                         "lower the learning rate (--lr, or train.lr in a config)"
                     )

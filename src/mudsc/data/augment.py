@@ -9,13 +9,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError
 
 
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
     """Zero-pad each side by ``padding`` then crop every image at its own random offset."""
     if padding < 0:
-        raise MudscError(f"crop padding must be >= 0, got {padding}")
+        raise ConfigError(f"crop padding must be >= 0, got {padding}")
     if padding == 0:
         return x
     n, channels, height, width = x.shape

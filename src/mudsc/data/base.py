@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from mudsc.data.tasks import validate_classes
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError, DataError
 
 _SPLITS = ("train", "test")
 
@@ -53,27 +53,32 @@ class ImageDataset:
         for split in _SPLITS:
             images, labels = self._split(split)
             if images.dtype != torch.uint8 or images.dim() != 4:
-                raise MudscError(
+                raise DataError(
                     f"dataset {self.name!r}: {split} images must be a uint8 N x C x H x W "
                     f"tensor, got {images.dtype} with shape {tuple(images.shape)}"
                 )
             if labels.dtype != torch.int64 or labels.shape != (images.shape[0],):
-                raise MudscError(
+                raise DataError(
                     f"dataset {self.name!r}: {split} labels must be int64 of length "
                     f"{images.shape[0]}, got {labels.dtype} with shape {tuple(labels.shape)}"
                 )
             if labels.numel() and (labels.min() < 0 or labels.max() >= len(self.class_names)):
-                raise MudscError(
+                raise DataError(
                     f"dataset {self.name!r}: {split} labels must lie in "
                     f"[0, {len(self.class_names) - 1}]"
                 )
+        if len(self.train_images) == 0:
+            raise DataError(
+                f"dataset {self.name!r} has no training images; a dataset needs some to train "
+                "on and to calibrate merges"
+            )
         if self.test_images.shape[1:] != self.train_images.shape[1:]:
-            raise MudscError(
+            raise DataError(
                 f"dataset {self.name!r}: train images are {tuple(self.train_images.shape[1:])} "
                 f"but test images are {tuple(self.test_images.shape[1:])}"
             )
         if not len(self.mean) == len(self.std) == self.in_channels:
-            raise MudscError(
+            raise DataError(
                 f"dataset {self.name!r}: mean/std need one value per channel ({self.in_channels})"
             )
 
@@ -94,7 +99,7 @@ class ImageDataset:
             return self.train_images, self.train_labels
         if split == "test":
             return self.test_images, self.test_labels
-        raise MudscError(f"unknown split {split!r}: use 'train' or 'test'")
+        raise ConfigError(f"unknown split {split!r}: use 'train' or 'test'")
 
     def subset(
         self, classes: Sequence[int], split: str = "train"
@@ -108,7 +113,7 @@ class ImageDataset:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images -> float32 ``(x / 255 - mean) / std``, on the images' device."""
         if images.dtype != torch.uint8:
-            raise MudscError(f"normalize expects uint8 images, got {images.dtype}")
+            raise DataError(f"normalize expects uint8 images, got {images.dtype}")
         shape = (1, -1, 1, 1)
         mean = torch.tensor(self.mean, dtype=torch.float32, device=images.device).view(shape)
         std = torch.tensor(self.std, dtype=torch.float32, device=images.device).view(shape)

@@ -6,7 +6,13 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError, DataError
+
+
+def check_batch_size(batch_size: object) -> None:
+    """The one check of a batch size wherever one enters: an integer >= 1."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 def iterate_batches(
@@ -22,12 +28,11 @@ def iterate_batches(
     Shuffling needs an explicit generator so that every run is reproducible; arguments
     are checked at the call, not at the first ``next``.
     """
-    if batch_size <= 0:
-        raise MudscError(f"batch size must be positive, got {batch_size}")
+    check_batch_size(batch_size)
     if len(images) != len(labels):
-        raise MudscError(f"{len(images)} images but {len(labels)} labels")
+        raise DataError(f"{len(images)} images but {len(labels)} labels")
     if shuffle and generator is None:
-        raise MudscError("shuffling needs a seeded torch.Generator for reproducibility")
+        raise ConfigError("shuffling needs a seeded torch.Generator for reproducibility")
     order = None
     if shuffle:
         order = torch.randperm(len(images), generator=generator, device=generator.device)

@@ -7,6 +7,7 @@ gives both, so a seed names the whole draw.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,7 +15,8 @@ import torch
 
 from mudsc.data.augment import augment as augment_batch
 from mudsc.data.base import ImageDataset
-from mudsc.errors import MudscError
+from mudsc.data.batches import check_batch_size
+from mudsc.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True)
@@ -39,26 +41,27 @@ def draw_calibration(
     """``size`` training images of ``classes`` (None: every class), drawn with ``seed``.
 
     With ``holdout`` the last ``max(1, int(size * holdout))`` drawn images are kept aside,
-    labelled, to score candidate merges.  With ``augment`` the dataset's crop/flip policy
+    labelled, to score candidate merges; fewer than one per class is refused
+    (:func:`check_labelled_holdout`).  With ``augment`` the dataset's crop/flip policy
     is applied to the fit images after normalisation (crop padding takes the channel mean),
     drawing from the same generator right after the permutation.
     """
-    if classes is None:
-        images, labels = dataset.train_images, dataset.train_labels
-    else:
-        images, labels = dataset.subset(classes, split="train")
-    if not 0 < size <= len(images):
-        raise MudscError(
-            f"asked for {size} calibration images but the chosen classes have {len(images)} "
+    check_batch_size(batch_size)
+    images, labels = _pool(dataset, classes)
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 < size <= len(images):
+        raise ConfigError(
+            f"asked for {size!r} calibration images but the chosen classes have {len(images)} "
             f"training images; choose 1..{len(images)}"
         )
-    if batch_size <= 0:
-        raise MudscError(f"batch size must be positive, got {batch_size}")
+    n_classes = dataset.num_classes if classes is None else len(set(classes))
+    held_count = 0 if holdout is None else max(1, int(size * holdout))
+    if holdout is not None:
+        check_labelled_holdout(held_count, n_classes, holdout)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=generator)[:size]
-    cut = size if holdout is None else size - max(1, int(size * holdout))
+    cut = size - held_count
     if cut < 1:
-        raise MudscError(f"a holdout of {holdout} leaves no calibration images; lower it")
+        raise ConfigError(f"a holdout of {holdout} leaves no calibration images; lower it")
     fit = dataset.normalize(images[order[:cut]].to(device))
     if augment:
         fit = augment_batch(fit, dataset.crop_padding, dataset.hflip, generator)
@@ -67,3 +70,34 @@ def draw_calibration(
         held = (dataset.normalize(images[order[cut:]]), labels[order[cut:]])
     batches = [fit[i : i + batch_size] for i in range(0, len(fit), batch_size)]
     return CalibrationSet(batches, held)
+
+
+def _pool(
+    dataset: ImageDataset, classes: Sequence[int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images (and labels) to draw from; none at all is refused."""
+    if classes is None:
+        return dataset.train_images, dataset.train_labels
+    images, labels = dataset.subset(classes, split="train")
+    if len(images) == 0:
+        raise DataError(
+            f"dataset {dataset.name!r} has no training images of the classes {list(classes)}; "
+            "choose classes it has images of"
+        )
+    return images, labels
+
+
+def check_labelled_holdout(held: int, n_classes: int, holdout: float) -> None:
+    """Refuse, before any merge work, a labelled holdout too small to rate alpha candidates.
+
+    The candidates are scored by per-task accuracy on the held-out images; fewer images
+    than classes leave some class unscored for sure (and possibly a whole task, which
+    fails only after every candidate is built), so at least one image per class is asked.
+    """
+    if held < n_classes:
+        need = math.ceil(n_classes / holdout)
+        raise DataError(
+            f"alpha='auto' would score each alpha on {held} held-out labelled image(s), fewer "
+            f"than the {n_classes} classes (at least one per class is needed); draw about "
+            f"{need} or more calibration images, raise the holdout, or give a fixed alpha"
+        )

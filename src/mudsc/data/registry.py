@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mudsc.data import cifar, embedded, idx
 from mudsc.data.base import ImageDataset, channel_stats
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError, DataError
 from mudsc.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class DiskSource:
             logger.info("loading %s from %s", self.name, path)
             return self.read(self.name, path)
         listing = "\n".join(searched)
-        raise MudscError(
+        raise DataError(
             f"dataset {self.name!r} not found. Searched:\n{listing}\nTo get it: {self.hint}"
         )
 
@@ -88,7 +88,13 @@ class MemorySource:
     build: Callable[[], ImageDataset]
 
     def load(self, data_dir: str | Path | None) -> ImageDataset:
-        """Build it; ``data_dir`` is ignored."""
+        """Build it.  A ``data_dir`` is refused: it would be ignored, and a user who gives
+        one expects their files to be read."""
+        if data_dir is not None:
+            raise ConfigError(
+                f"dataset {self.name!r} needs no data dir (it is built in); drop --data-dir "
+                f"({data_dir}), or name the dataset whose files are there"
+            )
         return self.build()
 
 
@@ -192,9 +198,9 @@ def load_dataset(name: str, data_dir: str | Path | None = None) -> ImageDataset:
     """Load a dataset by name into memory (uint8 images, int64 labels).
 
     ``data_dir`` may be the folder holding the files or its parent; a source that needs
-    no files ignores it.
+    no files refuses one (ConfigError).
     """
     key = name.strip().lower().replace("_", "-")
     if key not in DATASETS:
-        raise MudscError(f"unknown dataset {name!r}; choose one of {', '.join(dataset_names())}")
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {', '.join(dataset_names())}")
     return DATASETS[key].load(data_dir)

@@ -7,6 +7,7 @@ from dataclasses import replace
 import torch
 
 from mudsc.data.base import ImageDataset
+from mudsc.errors import ConfigError
 
 
 def _per_class(
@@ -30,6 +31,11 @@ def limit_per_class(
 
     The test split draws with ``seed + 1`` so the two splits are chosen independently.
     """
+    for name, limit in (("train", train), ("test", test)):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1):  # fmt: skip
+            raise ConfigError(f"images per class ({name}) must be an integer >= 1 or None, "
+                              f"got {limit!r}")  # fmt: skip
     if train is None and test is None:
         return dataset
     train_x, train_y = _per_class(dataset.train_images, dataset.train_labels, train, seed)
