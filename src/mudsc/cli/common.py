@@ -109,19 +109,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name.strip())
 
 
+def _forms(path: Path) -> set[Path]:
+    """A path as written (made absolute) and with its symlinks resolved."""
+    return {Path(os.path.abspath(path)), Path(os.path.realpath(path))}
+
+
+def _holds(outer: Path, inner: Path) -> bool:
+    """Whether ``outer`` is ``inner`` or one of its parents, in any form of either."""
+    return any(o == i or o in i.parents for o in _forms(outer) for i in _forms(inner))
+
+
 def check_output(output: Path, inputs: Iterable[Path] = ()) -> Path:
     """Refuse an output that is the current directory, one of its parents, or a directory
     holding an input: replacing it would wipe the user's files (``-o .``, ``-o ""``)."""
     if str(output).strip() in ("", "."):
         raise ConfigError("--output is the current directory; name a new path, e.g. -o merged")
-    target = Path(os.path.abspath(output))
-    here = Path.cwd()
-    if target == here or target in here.parents:
+    if _holds(output, Path.cwd()):
         raise ConfigError(f"--output {output} is the current directory or one of its parents; "
                           "name a new path, e.g. -o merged")  # fmt: skip
     for path in inputs:
-        source = Path(os.path.abspath(path))
-        if target == source or target in source.parents:
+        if _holds(output, path):
             raise ConfigError(f"--output {output} holds the input {path}; writing there would "
                               "replace it, name a new path")  # fmt: skip
     return output

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import typer
@@ -28,6 +28,9 @@ from mudsc.cli.common import (
 from mudsc.errors import CheckpointError, ConfigError
 from mudsc.inputs import existing_directory
 from mudsc.methods import METHODS
+
+if TYPE_CHECKING:
+    from mudsc.plots.landscape import Landscape
 
 # The methods the figures compare unless told otherwise (the first one sets the frame).
 DEFAULT_METHODS = ("zipit", "wzip", "mudsc-zip")
@@ -153,7 +156,7 @@ def landscape_command(
     )
 
 
-def _landscape_record(land: Any) -> dict[str, Any]:
+def _landscape_record(land: Landscape) -> dict[str, Any]:
     """The landscape's marked points as JSON-ready values (the grid stays in the .npz)."""
     points = [
         {"method": m, "point": r, "loss": dict(zip(land.panel_names, map(float, land.point_loss[i]),
@@ -169,7 +172,7 @@ def _landscape_record(land: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _print_landscape(land: Any) -> None:
+def _print_landscape(land: Landscape) -> None:
     from mudsc.plots.landscape import landscape_rows
 
     table = Table(title=f"Marked points ({land.renorm}; loss = cross-entropy, nats)")
