@@ -1,15 +1,21 @@
 """What every command shares: one-line user errors, device checks, progress bars, tables.
 
 Every user mistake surfaces as a :class:`MudscError`, printed as one line on stderr with
-exit code 2; the library itself never prints.
+exit code 2; an operating-system refusal that escapes the library (disk full, read-only,
+permission denied) is one line with exit code 1; the library itself never prints.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
-from collections.abc import Callable, Iterator
+import os
+import re
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -20,7 +26,7 @@ from rich.progress import BarColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as RichProgress
 from rich.table import Table
 
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError, MudscError
 from mudsc.progress import Progress
 
 console = Console()
@@ -28,16 +34,48 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# What to do about the operating-system refusals a run can meet (by errno).
+_OS_FIXES = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EROFS: "the location is read-only; write elsewhere",
+    errno.EACCES: "check the permissions or write elsewhere",
+    errno.EPERM: "check the permissions or write elsewhere",
+    errno.ELOOP: "a symlink loops; point it at a real file",
+    errno.ENAMETOOLONG: "use a shorter path",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EISDIR: "name a file, not a directory",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an OSError: the file it concerns, the system's reason and the fix."""
+    names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+    where = f"{' -> '.join(names)}: " if names else ""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    fix = _OS_FIXES.get(exc.errno or 0)
+    return f"{where}{reason}" + (f"; {fix}" if fix else "")
+
+
+def _error(line: str) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
 def friendly(fn: F) -> F:
-    """Turn MudscError (and Ctrl-C) into one clear line and a non-zero exit code."""
+    """Turn MudscError (exit 2), an escaped OSError (exit 1) and Ctrl-C (exit 130) into one
+    clear line; any other exception is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except MudscError as exc:
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+            _error(str(exc))
             raise typer.Exit(2) from None
+        except OSError as exc:
+            _error(os_error_line(exc))
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; finished outputs are kept, partial ones removed")
             raise typer.Exit(130) from None
@@ -45,19 +83,55 @@ def friendly(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+_DEVICE = re.compile(r"(cpu|mps|cuda)(:(\d+))?")
+
+
 def resolve_device(name: str) -> torch.device:
-    """Check that the asked-for device exists before any work starts."""
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise MudscError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MudscError(
-            "--device cuda was asked for but no CUDA GPU is available; use --device cpu"
-        )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise MudscError("--device mps was asked for but MPS is not available; use --device cpu")
-    return device
+    """Check that the asked-for device is one mudsc runs on and exists, before any work."""
+    match = _DEVICE.fullmatch(name.strip())
+    if match is None:
+        raise ConfigError(f"unknown device {name!r}; use cpu, cuda, cuda:N or mps")
+    kind, index = match.group(1), match.group(3)
+    if kind == "cpu" and index not in (None, "0"):
+        raise ConfigError(f"--device {name}: there is one cpu device; use --device cpu")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {name} was asked for but no CUDA GPU is available; use --device cpu"
+            )
+        count = torch.cuda.device_count()
+        if index is not None and int(index) >= count:
+            raise ConfigError(f"--device {name}: this machine has {count} CUDA device(s), "
+                              f"cuda:0..cuda:{count - 1}")  # fmt: skip
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name} was asked for but MPS is not available; "
+                          "use --device cpu")  # fmt: skip
+    return torch.device(name.strip())
+
+
+def _forms(path: Path) -> set[Path]:
+    """A path as written (made absolute) and with its symlinks resolved."""
+    return {Path(os.path.abspath(path)), Path(os.path.realpath(path))}
+
+
+def _holds(outer: Path, inner: Path) -> bool:
+    """Whether ``outer`` is ``inner`` or one of its parents, in any form of either."""
+    return any(o == i or o in i.parents for o in _forms(outer) for i in _forms(inner))
+
+
+def check_output(output: Path, inputs: Iterable[Path] = ()) -> Path:
+    """Refuse an output that is the current directory, one of its parents, or a directory
+    holding an input: replacing it would wipe the user's files (``-o .``, ``-o ""``)."""
+    if str(output).strip() in ("", "."):
+        raise ConfigError("--output is the current directory; name a new path, e.g. -o merged")
+    if _holds(output, Path.cwd()):
+        raise ConfigError(f"--output {output} is the current directory or one of its parents; "
+                          "name a new path, e.g. -o merged")  # fmt: skip
+    for path in inputs:
+        if _holds(output, path):
+            raise ConfigError(f"--output {output} holds the input {path}; writing there would "
+                              "replace it, name a new path")  # fmt: skip
+    return output
 
 
 def parse_arch_args(text: str | None) -> dict[str, Any]:
@@ -67,11 +141,11 @@ def parse_arch_args(text: str | None) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise MudscError(
+        raise ConfigError(
             f"--arch-args must be a JSON object, e.g. '{{\"width\": 4}}': {exc}"
         ) from exc
     if not isinstance(value, dict):
-        raise MudscError("--arch-args must be a JSON object, e.g. '{\"width\": 4}'")
+        raise ConfigError("--arch-args must be a JSON object, e.g. '{\"width\": 4}'")
     return value
 
 
@@ -123,3 +197,8 @@ def report_table(title: str, rows: list[dict[str, Any]]) -> Table:
             cells.append("" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v)))
         table.add_row(*cells)
     return table
+
+
+def emit_json(value: Any) -> None:
+    """``--json``: the result as one JSON document, the only thing written to stdout."""
+    sys.stdout.write(json.dumps(value) + "\n")

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-import json
-import sys
 import time
 
 import typer
 
-from mudsc.cli.common import console, friendly, progress_bars, report_table, resolve_device
+from mudsc.cli.common import (
+    console,
+    emit_json,
+    friendly,
+    progress_bars,
+    report_table,
+    resolve_device,
+)
 
 
 @friendly
 def demo_command(
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
 ) -> None:
     """Train two small models on disjoint halves of the embedded MNIST subset, then merge them."""
@@ -24,7 +29,7 @@ def demo_command(
     with progress_bars() as progress:
         result = run_demo(dev, progress=progress)
     if as_json:
-        sys.stdout.write(json.dumps({"rows": result["rows"], "tasks": result["tasks"]}) + "\n")
+        emit_json({"rows": result["rows"], "tasks": result["tasks"]})
         return
     console.print(report_table(result["title"], result["rows"]))
     console.print(f"total {time.perf_counter() - start:.1f} s")

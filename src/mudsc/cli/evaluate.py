@@ -11,7 +11,8 @@ import typer
 
 from mudsc.cli.common import console, friendly, report_table, resolve_device
 from mudsc.data.files import TensorFile, read_tensor_file
-from mudsc.errors import MudscError
+from mudsc.errors import CheckpointError, ConfigError
+from mudsc.inputs import existing_directory, regular_file
 
 
 def parse_tasks(text: str | None) -> list[list[int]] | None:
@@ -40,8 +41,8 @@ def eval_command(
         ".safetensors or .npz (keys inputs, labels).",
     ),
     tasks: str = typer.Option(None, help="Tasks as class lists, e.g. '0,1,2;3,4,5'."),
-    batch_size: int = typer.Option(500),
-    device: str = typer.Option("cpu"),
+    batch_size: int = typer.Option(500, min=1),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Joint, per-task and average accuracy of one model or an ensemble (for a Hugging
@@ -49,7 +50,7 @@ def eval_command(
     from mudsc.hf import is_hf_directory
 
     dev = resolve_device(device)
-    labelled = read_tensor_file(data_file, labelled=True) if data_file else None
+    labelled = _checked_inputs(checkpoints, data_file)
     if any(is_hf_directory(p) for p in checkpoints):
         _eval_hf(checkpoints, labelled, batch_size, dev, as_json)
         return
@@ -61,10 +62,10 @@ def eval_command(
     if task_lists is None:
         task_lists = [t for ck in loaded for t in ck.tasks]
     if not task_lists:
-        raise MudscError("the checkpoints record no tasks; pass --tasks '0,1,2;3,4,5'")
+        raise ConfigError("the checkpoints record no tasks; pass --tasks '0,1,2;3,4,5'")
     head = loaded[0].head
     if head is None:
-        raise MudscError(f"{checkpoints[0]} has no class-embedding head (head.safetensors)")
+        raise CheckpointError(f"{checkpoints[0]} has no class-embedding head (head.safetensors)")
     if labelled is None:
         title, images, labels = _test_set(dataset or loaded[0].dataset, data_dir)
     else:
@@ -80,12 +81,21 @@ def eval_command(
         console.print(report_table(f"{title} ({report.n_images} images)", [row]))
 
 
+def _checked_inputs(checkpoints: list[Path], data_file: Path | None) -> TensorFile | None:
+    """Check every path before any model is loaded; the labelled file when one is given."""
+    for path in checkpoints:
+        existing_directory(path, "checkpoint", CheckpointError)
+    if data_file is None:
+        return None
+    return read_tensor_file(regular_file(data_file, "--data-file"), labelled=True)
+
+
 def _test_set(name: str | None, data_dir: Path | None) -> tuple[str, torch.Tensor, torch.Tensor]:
     """A dataset's normalised test images and labels, with the table's title."""
     from mudsc.data import load_dataset
 
     if name is None:
-        raise MudscError("the checkpoint records no dataset; pass --dataset or --data-file")
+        raise ConfigError("the checkpoint records no dataset; pass --dataset or --data-file")
     data = load_dataset(name, data_dir)
     return f"{name} test set", data.normalize(data.test_images), data.test_labels
 
@@ -101,10 +111,10 @@ def _eval_hf(
     from mudsc.hf import accuracy, load_hf_model
 
     if len(paths) != 1:
-        raise MudscError("eval scores one Hugging Face model at a time; pass one directory")
+        raise ConfigError("eval scores one Hugging Face model at a time; pass one directory")
     if labelled is None:
-        raise MudscError("scoring a Hugging Face model needs --data-file FILE with inputs "
-                         "and labels (.pt, .safetensors or .npz)")  # fmt: skip
+        raise ConfigError("scoring a Hugging Face model needs --data-file FILE with inputs "
+                          "and labels (.pt, .safetensors or .npz)")  # fmt: skip
     model = load_hf_model(paths[0], device)
     score = accuracy(model, labelled.inputs, labelled.labels, batch_size, device)
     row = {"model": str(paths[0]), "accuracy": score, "examples": len(labelled)}

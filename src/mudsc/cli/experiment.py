@@ -10,7 +10,17 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from mudsc.cli.common import console, friendly, progress_bars, report_table, resolve_device
+from mudsc.cli.common import (
+    check_output,
+    console,
+    emit_json,
+    friendly,
+    progress_bars,
+    report_table,
+    resolve_device,
+)
+from mudsc.errors import ConfigError
+from mudsc.inputs import regular_file
 
 
 def _summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -49,10 +59,15 @@ def experiment_command(
     output: Path = typer.Option(
         None, "--output", "-o", help="Output folder (default: the config's output_dir)."
     ),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N."),
-    force: bool = typer.Option(False, help="Redo everything instead of reusing finished work."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
+    force: bool = typer.Option(
+        False, "--force", help="Redo everything instead of reusing finished work."
+    ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Validate the config against the dataset and stop."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the results as JSON on stdout (progress on stderr)."
     ),
 ) -> None:
     """Train (or reuse) model pairs, merge them with every method, evaluate and report.
@@ -61,23 +76,35 @@ def experiment_command(
     """
     from mudsc.experiments import check_experiment, load_config, run_experiment
 
-    cfg = load_config(config)
+    regular_file(config, "experiment config", ConfigError)
     if output is not None:
+        check_output(output)
+    cfg = load_config(config)
+    if output is None:
+        check_output(Path(cfg.output_dir))
+    else:
         cfg = replace(cfg, output_dir=str(output))
     dev = resolve_device(device)
     if dry_run:
-        console.print(f"{config}: valid; {check_experiment(cfg)}")
+        plan = check_experiment(cfg)
+        if as_json:
+            emit_json({"config": str(config), "valid": True, "plan": plan})
+        else:
+            console.print(f"{config}: valid; {plan}")
         return
     start = time.perf_counter()
     with progress_bars() as progress:
         results = run_experiment(cfg, dev, force=force, progress=progress)
     out = Path(cfg.output_dir)
+    seconds = time.perf_counter() - start
+    if as_json:
+        emit_json({"output_dir": str(out), "seconds": seconds, "results": results})
+        return
     if cfg.kind == "hetero":
         console.print(_hetero_table(results))
     else:
         title = f"{cfg.name}: mean over {len(results['pairs'])} pair(s), accuracy %"
         console.print(report_table(title, _summary_rows(results)))
     console.print(
-        f"wrote {out / 'results.md'}, results.csv, results.json, results.png "
-        f"({time.perf_counter() - start:.0f} s)"
+        f"wrote {out / 'results.md'}, results.csv, results.json, results.png ({seconds:.0f} s)"
     )

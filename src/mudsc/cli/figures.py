@@ -9,22 +9,35 @@ happen inside the commands so that ``mudsc --help`` stays fast.
 
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import typer
 from rich.table import Table
 
-from mudsc.cli.common import console, friendly, progress_bars, resolve_device
-from mudsc.errors import MudscError
+from mudsc.cli.common import (
+    check_output,
+    console,
+    emit_json,
+    friendly,
+    progress_bars,
+    resolve_device,
+)
+from mudsc.errors import CheckpointError, ConfigError
+from mudsc.inputs import existing_directory
 from mudsc.methods import METHODS
+
+if TYPE_CHECKING:
+    from mudsc.plots.landscape import Landscape
 
 # The methods the figures compare unless told otherwise (the first one sets the frame).
 DEFAULT_METHODS = ("zipit", "wzip", "mudsc-zip")
+# Most grid points per landscape axis: each costs a full evaluation, and the grid is square.
+RESOLUTION_CAP = 50
+# Most points on an interpolation path (each is a full evaluation of every variant).
+STEPS_CAP = 201
 
 
 @dataclass
@@ -44,12 +57,14 @@ def _load_pair(a: Path, b: Path, data: str | None, data_dir: Path | None, dev: A
     loaded = [load_checkpoint(p, dev) for p in (a, b)]
     name = data or loaded[0].dataset
     if name is None:
-        raise MudscError("the checkpoints record no dataset; pass --data NAME")
+        raise ConfigError("the checkpoints record no dataset; pass --data NAME")
     tasks = [t for ck in loaded for t in ck.tasks]
     if len(tasks) < 1:
-        raise MudscError(f"{a} and {b} record no tasks (class lists); re-train with mudsc train")
+        raise CheckpointError(
+            f"{a} and {b} record no tasks (class lists); re-train with mudsc train"
+        )
     if loaded[0].head is None:
-        raise MudscError(f"{a} has no class-embedding head (head.safetensors)")
+        raise CheckpointError(f"{a} has no class-embedding head (head.safetensors)")
     return _Pair([ck.model for ck in loaded], loaded[0].head, tasks, load_dataset(name, data_dir))
 
 
@@ -68,9 +83,15 @@ def _methods(text: str) -> list[str]:
     return check_methods([m.strip() for m in text.split(",") if m.strip()])
 
 
-def _outputs(output: Path, suffix: str, force: bool) -> tuple[Path, Path]:
+def _outputs(output: Path, suffix: str, force: bool, sources: list[Path]) -> tuple[Path, Path]:
+    """The PNG and its data file, checked before any work; the sources checked too."""
     from mudsc.plots.style import data_path, refuse_existing_outputs
 
+    check_output(output, sources)
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a directory; name the PNG to write")
+    for source in sources:
+        existing_directory(source, "checkpoint", CheckpointError)
     data_file = data_path(output, suffix)
     refuse_existing_outputs([output, data_file], force)
     return output, data_file
@@ -91,23 +112,28 @@ def landscape_command(
     methods: str = typer.Option(
         ",".join(DEFAULT_METHODS), help=f"{_METHODS_HELP} The first sets the frame."
     ),
-    resolution: int = typer.Option(9, help="Grid points per axis (cost grows as its square)."),
-    data_size: int = typer.Option(500, help="Test images the losses are computed on."),
-    calibration_size: int = typer.Option(256, help="Training images for matching and BN reset."),
+    resolution: int = typer.Option(
+        9, min=2, max=RESOLUTION_CAP, help="Grid points per axis (cost grows as its square)."
+    ),
+    data_size: int = typer.Option(500, min=1, help="Test images the losses are computed on."),
+    calibration_size: int = typer.Option(
+        256, min=1, help="Training images for matching and BN reset."
+    ),
     alpha: str = typer.Option("0.5", help="MuDSC weight-space share, or 'auto'."),
     data: str = typer.Option(None, "--data", help="Dataset (default: the checkpoints')."),
     data_dir: Path = typer.Option(None),
-    batch_size: int = typer.Option(250),
-    seed: int = typer.Option(0, help="Seed of the image samples."),
-    device: str = typer.Option("cpu"),
-    force: bool = typer.Option(False, help="Replace existing outputs."),
+    batch_size: int = typer.Option(250, min=1),
+    seed: int = typer.Option(0, min=0, help="Seed of the image samples."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
+    as_json: bool = typer.Option(False, "--json", help="Print the marked points as JSON."),
+    force: bool = typer.Option(False, "--force", help="Replace existing outputs."),
 ) -> None:
     """Contours of every task's loss on the PCA plane of sources, merges and paths."""
     from mudsc.plots.interpolate import EvalSet
-    from mudsc.plots.landscape import compute_landscape, landscape_rows, plot_landscape
+    from mudsc.plots.landscape import compute_landscape, plot_landscape
     from mudsc.plots.style import save_figure, save_npz
 
-    png, npz = _outputs(output, ".npz", force)
+    png, npz = _outputs(output, ".npz", force, [a, b])
     dev = resolve_device(device)
     chosen = _methods(methods)
     pair = _load_pair(a, b, data, data_dir, dev)
@@ -120,16 +146,41 @@ def landscape_command(
         )  # fmt: skip
     save_npz(npz, land.arrays())
     save_figure(plot_landscape(land), png)
+    if as_json:
+        emit_json({"png": str(png), "data": str(npz), **_landscape_record(land)})
+        return
+    _print_landscape(land)
+    ev = land.plane.explained
+    console.print(
+        f"plane explains {100 * ev.sum():.0f}% of the points' variance; wrote {png} and {npz}"
+    )
+
+
+def _landscape_record(land: Landscape) -> dict[str, Any]:
+    """The landscape's marked points as JSON-ready values (the grid stays in the .npz)."""
+    points = [
+        {"method": m, "point": r, "loss": dict(zip(land.panel_names, map(float, land.point_loss[i]),
+                                                   strict=True)),
+         "off_plane": float(land.point_residual[i])}
+        for i, (m, r) in enumerate(zip(land.point_methods, land.point_roles, strict=True))
+    ]  # fmt: skip
+    return {
+        "methods": land.methods, "frame": land.frame, "tasks": land.tasks,
+        "renorm": land.renorm, "alphas": land.alphas,
+        "explained_variance_ratio": [float(x) for x in land.plane.explained],
+        "points": points,
+    }  # fmt: skip
+
+
+def _print_landscape(land: Landscape) -> None:
+    from mudsc.plots.landscape import landscape_rows
+
     table = Table(title=f"Marked points ({land.renorm}; loss = cross-entropy, nats)")
     for col in ["method", "point", *land.panel_names, "off-plane distance"]:
         table.add_column(col, justify="left" if col in ("method", "point") else "right")
     for row in landscape_rows(land):
         table.add_row(*row)
     console.print(table)
-    ev = land.plane.explained
-    console.print(
-        f"plane explains {100 * ev.sum():.0f}% of the points' variance; wrote {png} and {npz}"
-    )
 
 
 @friendly
@@ -140,21 +191,21 @@ def diagnose_command(
     methods: str = typer.Option(
         ",".join(DEFAULT_METHODS), help=f"{_METHODS_HELP} The first sets the S_w basis."
     ),
-    calibration_size: int = typer.Option(256, help="Training images for the statistics."),
+    calibration_size: int = typer.Option(256, min=1, help="Training images for the statistics."),
     alpha: str = typer.Option("0.5", help="MuDSC weight-space share, or 'auto'."),
     data: str = typer.Option(None, "--data", help="Dataset (default: the checkpoints')."),
     data_dir: Path = typer.Option(None),
-    batch_size: int = typer.Option(250),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("cpu"),
+    batch_size: int = typer.Option(250, min=1),
+    seed: int = typer.Option(0, min=0, help="Seed of the image samples."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    force: bool = typer.Option(False, help="Replace existing outputs."),
+    force: bool = typer.Option(False, "--force", help="Replace existing outputs."),
 ) -> None:
     """Per merge space: do weight and activation similarity agree; what did each method match?"""
     from mudsc.plots.diagnose import compute_diagnosis, diagnosis_rows, plot_diagnosis
     from mudsc.plots.style import save_figure, save_json
 
-    png, data_file = _outputs(output, ".json", force)
+    png, data_file = _outputs(output, ".json", force, [a, b])
     dev = resolve_device(device)
     chosen = _methods(methods)
     pair = _load_pair(a, b, data, data_dir, dev)
@@ -165,7 +216,7 @@ def diagnose_command(
     save_json(data_file, diag.to_dict())
     save_figure(plot_diagnosis(diag), png)
     if as_json:
-        sys.stdout.write(json.dumps(diag.to_dict()) + "\n")
+        emit_json(diag.to_dict())
         return
     table = Table(
         title="Rank agreement of S_w and S_act, and mean similarity of merged pairs",
@@ -191,17 +242,22 @@ def interpolate_command(
     a: Path = _A,
     b: Path = _B,
     method: str = typer.Option("mudsc-zip", help="Method whose merged basis aligns A and B."),
-    steps: int = typer.Option(11, help="Points on the path, end points included."),
+    steps: int = typer.Option(
+        11, min=2, max=STEPS_CAP, help="Points on the path, end points included."
+    ),
     output: Path = typer.Option(Path("interpolate.png"), "--output", "-o", help="PNG to write."),
-    data_size: int = typer.Option(500, help="Test images the losses are computed on."),
-    calibration_size: int = typer.Option(256, help="Training images for matching and BN reset."),
+    data_size: int = typer.Option(500, min=1, help="Test images the losses are computed on."),
+    calibration_size: int = typer.Option(
+        256, min=1, help="Training images for matching and BN reset."
+    ),
     alpha: str = typer.Option("0.5", help="MuDSC weight-space share, or 'auto'."),
     data: str = typer.Option(None, "--data", help="Dataset (default: the checkpoints')."),
     data_dir: Path = typer.Option(None),
-    batch_size: int = typer.Option(250),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("cpu"),
-    force: bool = typer.Option(False, help="Replace existing outputs."),
+    batch_size: int = typer.Option(250, min=1),
+    seed: int = typer.Option(0, min=0, help="Seed of the image samples."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
+    as_json: bool = typer.Option(False, "--json", help="Print the path's values as JSON."),
+    force: bool = typer.Option(False, "--force", help="Replace existing outputs."),
 ) -> None:
     """Loss and accuracy per task along the straight path A -> B: naive, aligned, renormalised."""
     from mudsc.plots.interpolate import (
@@ -212,7 +268,7 @@ def interpolate_command(
     )
     from mudsc.plots.style import save_figure, save_json
 
-    png, data_file = _outputs(output, ".json", force)
+    png, data_file = _outputs(output, ".json", force, [a, b])
     dev = resolve_device(device)
     pair = _load_pair(a, b, data, data_dir, dev)
     evalset = EvalSet.sample(pair.dataset, pair.tasks, pair.head, data_size, seed)
@@ -222,6 +278,9 @@ def interpolate_command(
                                        steps, dev, alpha, progress=progress)  # fmt: skip
     save_json(data_file, interp.to_dict())
     save_figure(plot_interpolation(interp), png)
+    if as_json:
+        emit_json({"png": str(png), "data": str(data_file), **interp.to_dict()})
+        return
     table = Table(
         title="Mean over tasks along the path A -> B (loss in nats, accuracy in %)",
         caption=f"aligned = both models in the {interp.method} merged basis",

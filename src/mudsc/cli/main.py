@@ -6,6 +6,7 @@ import typer
 
 from mudsc.cli.demo import demo_command
 from mudsc.cli.evaluate import eval_command
+from mudsc.cli.examples import epilog
 from mudsc.cli.experiment import experiment_command
 from mudsc.cli.figures import diagnose_command, interpolate_command, landscape_command
 from mudsc.cli.merge import merge_command
@@ -27,10 +28,11 @@ COMMANDS = {
 
 
 def build_app() -> typer.Typer:
-    """The root app with every command of :data:`COMMANDS` registered under its name."""
+    """The root app with every command of :data:`COMMANDS` registered under its name, its
+    ``--help`` ending with the examples of :data:`~mudsc.cli.examples.EXAMPLES`."""
     app = create_app()
     for name, command in COMMANDS.items():
-        app.command(name)(command)
+        app.command(name, epilog=epilog(name))(command)
     return app
 
 

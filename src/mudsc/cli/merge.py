@@ -16,10 +16,18 @@ from typing import Any
 import torch
 import typer
 
-from mudsc.cli.common import console, friendly, progress_bars, resolve_device
+from mudsc.cli.common import (
+    check_output,
+    console,
+    emit_json,
+    friendly,
+    progress_bars,
+    resolve_device,
+)
 from mudsc.cli.options import config_options
 from mudsc.data.files import TensorFile, read_tensor_file, split_batches
-from mudsc.errors import MudscError
+from mudsc.errors import CheckpointError, ConfigError, DataError
+from mudsc.inputs import existing_directory, regular_file
 from mudsc.merge import MergeConfig, MergeResult
 from mudsc.methods import METHODS
 
@@ -64,7 +72,7 @@ def _logits_score(
 
 def _stop_at(stop_at: str | None, stop_after_spaces: int | None) -> str | int | None:
     if stop_at is not None and stop_after_spaces is not None:
-        raise MudscError("give either --stop-at or --stop-after-spaces, not both")
+        raise ConfigError("give either --stop-at or --stop-after-spaces, not both")
     return stop_at if stop_at is not None else stop_after_spaces
 
 
@@ -74,13 +82,16 @@ def source_kind(paths: list[Path]) -> str:
     from mudsc.hf import is_hf_directory
 
     for path in paths:
-        if not path.exists():
-            raise MudscError(f"source {path} does not exist (sources are local checkpoints or "
-                             "Hugging Face directories; nothing is downloaded)")  # fmt: skip
+        if not path.exists() and not path.is_symlink():
+            raise CheckpointError(
+                f"source {path} does not exist (sources are local checkpoints or Hugging Face "
+                "directories; nothing is downloaded)"
+            )
+        existing_directory(path, "source", CheckpointError)
     hf = [p for p in paths if is_hf_directory(p)]
     if hf and len(hf) != len(paths):
         other = [str(p) for p in paths if p not in hf]
-        raise MudscError(
+        raise CheckpointError(
             f"all sources must be of one kind: {', '.join(map(str, hf))} "
             f"are Hugging Face directories but {', '.join(other)} are not"
         )
@@ -96,8 +107,8 @@ def hold_out(
         return file.inputs, None
     cut = len(file) - max(1, int(len(file) * holdout))
     if cut < 1:
-        raise MudscError(f"a holdout of {holdout} leaves no calibration inputs in {file.path}; "
-                         "lower --holdout or give more examples")  # fmt: skip
+        raise DataError(f"a holdout of {holdout} leaves no calibration inputs in {file.path}; "
+                        "lower --holdout or give more examples")  # fmt: skip
     return file.inputs[:cut], (file.inputs[cut:], file.labels[cut:])
 
 
@@ -105,6 +116,8 @@ def hold_out(
 @config_options(
     MergeConfig, into="settings", skip={"alpha_grid", "device", "stop_at"},
     types={"alpha": str}, helps={"method": method_help()}, panel="Merge settings",
+    ranges={"zip_a": (0, 1), "zip_b": (0, 1), "max_sweeps": (1, None), "patience": (1, None),
+            "tolerance": (0, None), "seed": (0, None)},
 )  # fmt: skip
 def merge_command(
     checkpoints: list[Path] = typer.Argument(
@@ -124,39 +137,53 @@ def merge_command(
     ),
     calibration_size: int = typer.Option(
         None,
+        min=1,
         help="Calibration examples (default: 1000 drawn from the dataset, or the whole "
         "--calibration file).",
     ),
-    batch_size: int = typer.Option(250),
+    batch_size: int = typer.Option(250, min=1),
     stop_at: str = typer.Option(
         None, help="Partial merge: merge up to this module path (e.g. layer2); heads stay."
     ),
     stop_after_spaces: int = typer.Option(
-        None, help="Partial merge: merge the first K spaces (instead of --stop-at)."
+        None, min=1, help="Partial merge: merge the first K spaces (instead of --stop-at)."
     ),
-    device: str = typer.Option("cpu"),
-    force: bool = typer.Option(False, help="Replace an existing output directory."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing output that mudsc wrote."
+    ),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the merge card as JSON on stdout (progress on stderr)."
+    ),
     *,
     settings: dict[str, Any],
 ) -> None:
     """Merge source models into one and save it with its merge card."""
     from mudsc.atomic import refuse_existing
 
+    check_output(output, [*checkpoints, *([calibration] if calibration else [])])
     refuse_existing(output, force)
     dev = resolve_device(device)
     config = MergeConfig(**settings, device=str(dev), stop_at=_stop_at(stop_at, stop_after_spaces))
     if len(checkpoints) < 2:
-        raise MudscError("merge needs at least two checkpoints")
+        raise ConfigError("merge needs at least two checkpoints")
     if calibration is not None and data is not None:
-        raise MudscError("give either --data (draw calibration from a dataset) or "
-                         "--calibration FILE, not both")  # fmt: skip
+        raise ConfigError("give either --data (draw calibration from a dataset) or "
+                          "--calibration FILE, not both")  # fmt: skip
     kind = source_kind(checkpoints)
-    file = read_tensor_file(calibration).head(calibration_size) if calibration else None
+    file = None
+    if calibration is not None:
+        file = read_tensor_file(regular_file(calibration, "--calibration file"))
+        file = file.head(calibration_size)
     if kind == "hf":
-        _merge_hf(checkpoints, output, file, batch_size, config, force)
+        result, card = _merge_hf(checkpoints, output, file, batch_size, config, force)
     else:
         source = file if file is not None else (data, data_dir, calibration_size or 1000)
-        _merge_checkpoints(checkpoints, output, source, batch_size, config, force)
+        result, card = _merge_checkpoints(checkpoints, output, source, batch_size, config, force)
+    if as_json:
+        emit_json({"output": str(output), **card})
+    else:
+        _report(output, result)
 
 
 def _auto_holdout(config: MergeConfig) -> float | None:
@@ -172,23 +199,23 @@ def _merge_hf(
     batch_size: int,
     config: MergeConfig,
     force: bool,
-) -> None:
+) -> tuple[MergeResult, dict[str, Any]]:
     """Merge Hugging Face directories on the file's inputs; save a Hugging Face directory."""
     from mudsc.hf import load_hf_model, save_hf_model
 
     if file is None:
-        raise MudscError(
+        raise ConfigError(
             "merging Hugging Face models needs --calibration FILE: a tensor of inputs the "
             "models take (token ids), as .pt, .safetensors, .npz or .npy"
         )
     if config.stop_at is not None:
-        raise MudscError("a partial merge (--stop-at) of Hugging Face models has no Hugging Face "
-                         "form to save; merge the whole models")  # fmt: skip
+        raise ConfigError("a partial merge (--stop-at) of Hugging Face models has no Hugging "
+                          "Face form to save; merge the whole models")  # fmt: skip
     holdout = _auto_holdout(config)
     if holdout is not None and file.labels is None:
-        raise MudscError("--alpha auto on Hugging Face models scores each alpha on labelled "
-                         "held-out inputs: give the --calibration file 'labels', or a fixed "
-                         "--alpha")  # fmt: skip
+        raise DataError("--alpha auto on Hugging Face models scores each alpha on labelled "
+                        "held-out inputs: give the --calibration file 'labels', or a fixed "
+                        "--alpha")  # fmt: skip
     fit, held = hold_out(file, holdout)
     dev = torch.device(config.device)
     models = [load_hf_model(p, dev) for p in paths]
@@ -199,7 +226,7 @@ def _merge_hf(
         card["alpha_score"] = "accuracy of argmax(logits) on a held-out labelled slice"
     card["architecture"] = type(result.model).__name__
     save_hf_model(output, result.model, card, force=force)
-    _report(output, result)
+    return result, card
 
 
 def _merge_checkpoints(
@@ -209,7 +236,7 @@ def _merge_checkpoints(
     batch_size: int,
     config: MergeConfig,
     force: bool,
-) -> None:
+) -> tuple[MergeResult, dict[str, Any]]:
     """Merge mudsc checkpoints on a file's inputs or a dataset draw; save a checkpoint."""
     from mudsc.checkpoint import load_checkpoint, save_checkpoint
 
@@ -238,7 +265,7 @@ def _merge_checkpoints(
         },
         head, force=force,
     )  # fmt: skip
-    _report(output, result)
+    return result, card
 
 
 def _draw(
@@ -254,8 +281,8 @@ def _draw(
     data, data_dir, size = source
     name = data or loaded[0].dataset
     if name is None:
-        raise MudscError("the checkpoints record no dataset; pass --data NAME or "
-                         "--calibration FILE for calibration")  # fmt: skip
+        raise ConfigError("the checkpoints record no dataset; pass --data NAME or "
+                          "--calibration FILE for calibration")  # fmt: skip
     dataset = load_dataset(name, data_dir)
     classes = sorted({c for t in tasks for c in t}) or list(range(dataset.num_classes))
     calibration = draw_calibration(dataset, classes, size, batch_size, config.seed,

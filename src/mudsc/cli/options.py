@@ -2,7 +2,8 @@
 
 Each field of the dataclass becomes one typer option: ``--field-name``, the field's type
 and default, and the help text in ``field(metadata={"help": ...})``.  A bool field becomes
-a ``--name/--no-name`` switch.  The command receives the values as one dict and builds
+a ``--name/--no-name`` switch, except one already named ``no_...``: it is the single flag
+``--no-...`` (never a ``--no-no-...`` twin).  The command receives the values as one dict and builds
 the config itself, so it decides when validation errors surface.
 """
 
@@ -25,17 +26,30 @@ def field_help(config: type, field: dataclasses.Field) -> str:
     return field.metadata.get("help") or f"{config.__name__}.{field.name}"
 
 
+# Inclusive (min, max) of a numeric option; None leaves that side open.
+Range = tuple[float | None, float | None]
+
+
+def _flag_names(name: str, annotation: Any) -> tuple[str, ...]:
+    """Explicit option names for a bool field called ``no_...``; typer's default otherwise."""
+    if annotation is bool and name.startswith("no_"):
+        return ("--" + name.replace("_", "-"),)
+    return ()
+
+
 def field_parameters(
     config: type,
     skip: Collection[str] = (),
     types: Mapping[str, type] | None = None,
     helps: Mapping[str, str] | None = None,
     panel: str | None = None,
+    ranges: Mapping[str, Range] | None = None,
 ) -> list[inspect.Parameter]:
     """One keyword-only typer parameter per field of ``config`` (except ``skip``).
 
     ``types`` overrides a field's type where typer cannot parse it (``float | str``);
-    ``helps`` overrides a help text that is computed at run time (e.g. from a registry).
+    ``helps`` overrides a help text that is computed at run time (e.g. from a registry);
+    ``ranges`` bounds a numeric field, so a bad value is refused while parsing.
     """
     hints = typing.get_type_hints(config)
     params = []
@@ -44,12 +58,16 @@ def field_parameters(
             continue
         if field.default is dataclasses.MISSING:
             raise TypeError(f"{config.__name__}.{field.name} needs a default to be an option")
+        annotation = (types or {}).get(field.name, hints[field.name])
+        low, high = (ranges or {}).get(field.name, (None, None))
         option = typer.Option(
             field.default,
+            *_flag_names(field.name, annotation),
             help=(helps or {}).get(field.name) or field_help(config, field),
             rich_help_panel=panel,
+            min=low,
+            max=high,
         )
-        annotation = (types or {}).get(field.name, hints[field.name])
         params.append(
             inspect.Parameter(
                 field.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=annotation
@@ -65,13 +83,14 @@ def config_options(
     types: Mapping[str, type] | None = None,
     helps: Mapping[str, str] | None = None,
     panel: str | None = None,
+    ranges: Mapping[str, Range] | None = None,
 ) -> Callable[[F], F]:
     """Decorator: add ``config``'s fields as options; the command gets them as ``into``.
 
     The command declares ``into`` as a keyword-only parameter (a dict of field values);
     typer sees the fields instead, listed after the command's own options.
     """
-    extra = field_parameters(config, skip, types, helps, panel)
+    extra = field_parameters(config, skip, types, helps, panel, ranges)
     names = [p.name for p in extra]
 
     def decorate(command: F) -> F:

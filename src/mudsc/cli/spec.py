@@ -9,7 +9,8 @@ import torch
 import typer
 
 from mudsc.cli.common import console, friendly, parse_arch_args
-from mudsc.errors import MudscError
+from mudsc.errors import CheckpointError, ConfigError
+from mudsc.inputs import existing_directory
 
 
 @friendly
@@ -17,8 +18,8 @@ def spec_command(
     checkpoint: Path = typer.Argument(None, help="A checkpoint directory."),
     arch: str = typer.Option(None, help="Trace a zoo architecture instead of a checkpoint."),
     arch_args: str = typer.Option(None, help="Architecture arguments as JSON."),
-    in_channels: int = typer.Option(3),
-    image_size: int = typer.Option(32),
+    in_channels: int = typer.Option(3, min=1, max=64, help="Input channels of --arch."),
+    image_size: int = typer.Option(32, min=1, max=1024, help="Input height and width of --arch."),
     list_archs: bool = typer.Option(False, "--list", help="List the zoo's architectures."),
     as_json: bool = typer.Option(False, "--json", help="Print the spec itself as JSON."),
     full: bool = typer.Option(False, "--full", help="List every member module."),
@@ -31,11 +32,11 @@ def spec_command(
         console.print("\n".join(names()))
         return
     if (checkpoint is None) == (arch is None):
-        raise MudscError("give a checkpoint or --arch NAME (one of them)")
+        raise ConfigError("give a checkpoint or --arch NAME (one of them)")
     if checkpoint is not None:
         from mudsc.checkpoint import load_checkpoint
 
-        model = load_checkpoint(checkpoint).model
+        model = load_checkpoint(existing_directory(checkpoint, "checkpoint", CheckpointError)).model
         in_channels = model.config.get("in_channels", in_channels)
         image_size = model.config.get("image_size", image_size)
     else:

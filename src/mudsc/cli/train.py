@@ -12,9 +12,17 @@ from typing import Any
 import torch
 import typer
 
-from mudsc.cli.common import console, friendly, parse_arch_args, progress_bars, resolve_device
+from mudsc.cli.common import (
+    check_output,
+    console,
+    friendly,
+    parse_arch_args,
+    progress_bars,
+    resolve_device,
+)
 from mudsc.cli.options import config_options
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError
+from mudsc.inputs import regular_file
 from mudsc.train import TrainConfig
 
 
@@ -24,11 +32,11 @@ def _classes(num_classes: int, task: str | None, split: str | None, split_seed: 
     from mudsc.data import parse_classes, parse_split, split_classes, validate_classes
 
     if task and split:
-        raise MudscError("give either --task or --split, not both")
+        raise ConfigError("give either --task or --split, not both")
     if split:
         parts = split_classes(num_classes, parse_split(split), split_seed)
         if not 0 <= task_index < len(parts):
-            raise MudscError(f"--task-index must be in 0..{len(parts) - 1} for split {split}")
+            raise ConfigError(f"--task-index must be in 0..{len(parts) - 1} for split {split}")
         classes = parts[task_index]
     else:
         classes = parse_classes(task) if task else list(range(num_classes))
@@ -36,7 +44,12 @@ def _classes(num_classes: int, task: str | None, split: str | None, split_seed: 
 
 
 @friendly
-@config_options(TrainConfig, into="settings", panel="Training settings")
+@config_options(
+    TrainConfig, into="settings", panel="Training settings",
+    ranges={"epochs": (1, None), "batch_size": (1, None), "momentum": (0, 1),
+            "weight_decay": (0, None), "warmup_epochs": (0, None), "crop_padding": (0, None),
+            "seed": (0, None)},
+)  # fmt: skip
 def train_command(
     output: Path = typer.Option(..., "--output", "-o", help="Checkpoint directory to write."),
     arch: str = typer.Option("resnet20", help="Architecture name (see `mudsc spec --list`)."),
@@ -46,13 +59,17 @@ def train_command(
     data_dir: Path = typer.Option(None, help="Where the dataset files are."),
     task: str = typer.Option(None, help="Class ids, e.g. 0,2,4,6,8 (default: all classes)."),
     split: str = typer.Option(None, help="Random split like 5+5; use with --task-index."),
-    split_seed: int = typer.Option(0, help="Seed of the random class split."),
-    task_index: int = typer.Option(0, help="Which part of --split to train on."),
-    embed_dim: int = typer.Option(512, help="Dimension of the shared class embeddings."),
-    head_seed: int = typer.Option(0, help="Seed of the orthonormal class embeddings."),
+    split_seed: int = typer.Option(0, min=0, help="Seed of the random class split."),
+    task_index: int = typer.Option(0, min=0, help="Which part of --split to train on."),
+    embed_dim: int = typer.Option(
+        512, min=1, max=65536, help="Dimension of the shared class embeddings."
+    ),
+    head_seed: int = typer.Option(0, min=0, help="Seed of the orthonormal class embeddings."),
     class_embeddings: Path = typer.Option(None, help="File of class embeddings (C x D)."),
-    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N."),
-    force: bool = typer.Option(False, help="Replace an existing output directory."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an existing output that mudsc wrote."
+    ),
     *,
     settings: dict[str, Any],
 ) -> None:
@@ -64,8 +81,13 @@ def train_command(
     from mudsc.models.head import ClassEmbeddingHead
     from mudsc.train import train, train_config_dict
 
+    check_output(output, [class_embeddings] if class_embeddings else [])
     refuse_existing(output, force)
     dev = resolve_device(device)
+    if width is not None and not width > 0:
+        raise ConfigError(f"--width must be positive, got {width}")
+    if class_embeddings is not None:
+        regular_file(class_embeddings, "--class-embeddings")
     MODELS.get(arch)  # an unknown name fails here, before the (slow) dataset load
     config = TrainConfig(**settings)
     data = load_dataset(dataset, data_dir)
