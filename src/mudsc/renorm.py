@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError, DataError
 from mudsc.layers import has_batchnorm, is_batchnorm, layer_type
 from mudsc.modes import eval_mode, train_mode
 from mudsc.moments import combine
@@ -35,7 +35,7 @@ _EPS = 1e-5
 def resolve_mode(mode: str, model: nn.Module) -> str:
     """``auto`` -> BN reset where the model has BatchNorm, REPAIR otherwise."""
     if mode not in REPAIR_MODES:
-        raise MudscError(f"unknown repair {mode!r}; valid: {', '.join(REPAIR_MODES)}")
+        raise ConfigError(f"unknown repair {mode!r}; valid: {', '.join(REPAIR_MODES)}")
     if mode == "auto":
         return "bn" if has_batchnorm(model) else "repair"
     return mode
@@ -45,7 +45,7 @@ def _nonempty(batches: Iterable[Tensor]) -> list[Tensor]:
     """The batches as a list; none is an error, raised before any state is touched."""
     batches = list(batches)
     if not batches:
-        raise MudscError("normalisation repair needs calibration data, but none was given")
+        raise DataError("normalisation repair needs calibration data, but none was given")
     return batches
 
 
@@ -115,7 +115,7 @@ class _Moments:
 
     def mean_std(self) -> tuple[Tensor, Tensor]:
         if self.mean is None or self.m2 is None:
-            raise MudscError("REPAIR measured no batch; the calibration data is empty")
+            raise DataError("REPAIR measured no batch; the calibration data is empty")
         return self.mean, (self.m2 / self.count).clamp_min(0.0).sqrt()
 
 

@@ -63,7 +63,7 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 from torch import Tensor, nn
 
 from mudsc.apply import apply_matches, transform_state
-from mudsc.errors import MudscError
+from mudsc.errors import CheckpointError, ConfigError, DataError, SpecError
 from mudsc.merge import MergeConfig, MergeResult, merge_models
 from mudsc.modes import eval_mode
 from mudsc.plots.interpolate import (
@@ -117,14 +117,14 @@ def pca_plane(vectors: np.ndarray) -> Plane:
     """
     x = np.asarray(vectors, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 3:
-        raise MudscError(f"a PCA plane needs at least 3 vectors, got shape {x.shape}")
+        raise DataError(f"a PCA plane needs at least 3 vectors, got shape {x.shape}")
     if x.shape[1] < 2:
-        raise MudscError("a PCA plane needs vectors of dimension at least 2")
+        raise DataError("a PCA plane needs vectors of dimension at least 2")
     center = x.mean(axis=0)
     _, s, vh = np.linalg.svd(x - center, full_matrices=False)
     basis = vh[:2].copy()
     if basis.shape[0] < 2:  # only reachable with D == 1, excluded above
-        raise MudscError("could not find two principal directions")
+        raise DataError("could not find two principal directions")
     for i in range(2):
         if basis[i, np.argmax(np.abs(basis[i]))] < 0:
             basis[i] = -basis[i]
@@ -136,7 +136,7 @@ def pca_plane(vectors: np.ndarray) -> Plane:
 def grid_axes(coords: np.ndarray, resolution: int, margin: float = 0.3) -> tuple[np.ndarray, ...]:
     """Square grid (same step on both axes) covering every point with a margin on each side."""
     if resolution < 2:
-        raise MudscError(f"--resolution must be at least 2, got {resolution}")
+        raise ConfigError(f"--resolution must be at least 2, got {resolution}")
     coords = np.atleast_2d(coords)
     lo, hi = coords.min(axis=0), coords.max(axis=0)
     mid = (lo + hi) / 2
@@ -153,7 +153,7 @@ def parameter_vector(state: Mapping[str, Tensor], keys: Sequence[str]) -> np.nda
     """Concatenate the named tensors of ``state`` into one float64 vector."""
     missing = [k for k in keys if k not in state]
     if missing:
-        raise MudscError(f"the state dict lacks parameters {missing[:3]}")
+        raise CheckpointError(f"the state dict lacks parameters {missing[:3]}")
     return np.concatenate([state[k].detach().double().cpu().reshape(-1).numpy() for k in keys])
 
 
@@ -170,7 +170,7 @@ def state_from_vector(
         state[k] = chunk.reshape(t.shape).to(dtype=t.dtype, device=t.device)
         offset += n
     if offset != len(vector):
-        raise MudscError(f"parameter vector has {len(vector)} entries, the model needs {offset}")
+        raise SpecError(f"parameter vector has {len(vector)} entries, the model needs {offset}")
     return state
 
 
@@ -209,7 +209,7 @@ class Landscape:
         for i, (m, r) in enumerate(zip(self.point_methods, self.point_roles, strict=True)):
             if m == method and r == role:
                 return i
-        raise MudscError(f"no point {role!r} of method {method!r}")
+        raise ConfigError(f"no point {role!r} of method {method!r}")
 
     def arrays(self) -> dict[str, Any]:
         """The .npz content: grid, losses, projected points, paths and the PCA basis."""
@@ -267,7 +267,7 @@ def load_landscape(path: str | Path) -> Landscape:
             alphas=meta.get("alphas", {}),
         )
     except (OSError, KeyError, ValueError) as exc:
-        raise MudscError(f"{path} is not a landscape data file written by mudsc ({exc})") from exc
+        raise DataError(f"{path} is not a landscape data file written by mudsc ({exc})") from exc
 
 
 def _to_frame(
@@ -328,9 +328,9 @@ def compute_landscape(
     """Merge with every method, frame all points, fit the plane, evaluate the grid."""
     methods = check_methods(methods)
     if not batches:
-        raise MudscError("the landscape needs calibration batches (matching and BN reset)")
+        raise DataError("the landscape needs calibration batches (matching and BN reset)")
     if path_steps < 2:
-        raise MudscError(f"path_steps must be at least 2, got {path_steps}")
+        raise ConfigError(f"path_steps must be at least 2, got {path_steps}")
     sources = [model_a.to(device), model_b.to(device)]
     options = dict(merge_options or {})
     with eval_mode(*sources):

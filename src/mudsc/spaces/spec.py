@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from mudsc.errors import MudscError
+from mudsc.errors import SpecError
 
 Role = Literal["producer", "consumer", "ignored"]
 
@@ -116,7 +116,7 @@ class MergeSpec:
         for s in self.spaces:
             if s.name == name:
                 return s
-        raise MudscError(f"no space named {name!r}; spaces: {[s.name for s in self.spaces]}")
+        raise SpecError(f"no space named {name!r}; spaces: {[s.name for s in self.spaces]}")
 
     @property
     def mergeable(self) -> tuple[Space, ...]:
@@ -164,14 +164,14 @@ class MergeSpec:
                 for s in data["spaces"]
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise MudscError(
+            raise SpecError(
                 f"malformed merge spec ({exc!r}); expected {{'spaces': [{{'name', 'size', "
                 "'groups', 'producers', 'consumers', 'taps', ...}}]}} as written by "
                 "`mudsc spec --json`"
             ) from exc
         for s in spaces:
             if s.size <= 0 or s.groups <= 0 or s.size % s.groups:
-                raise MudscError(
+                raise SpecError(
                     f"space {s.name!r}: size {s.size} must be a positive multiple of "
                     f"groups {s.groups}"
                 )
@@ -182,7 +182,7 @@ class MergeSpec:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise MudscError(f"merge spec is not valid JSON: {exc}") from exc
+            raise SpecError(f"merge spec is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
 
     # -- checks and display -----------------------------------------------------------
@@ -197,13 +197,13 @@ class MergeSpec:
             for role, m in s.members():
                 where = f"space {s.name!r} ({role} {m.tensor}, axis {m.axis})"
                 if m.tensor not in state:
-                    raise MudscError(f"{where}: the model has no tensor {m.tensor!r}")
+                    raise SpecError(f"{where}: the model has no tensor {m.tensor!r}")
                 t = state[m.tensor]
                 if not -t.dim() <= m.axis < t.dim():
-                    raise MudscError(f"{where}: tensor has only {t.dim()} axes")
+                    raise SpecError(f"{where}: tensor has only {t.dim()} axes")
                 units = s.group_size if m.per_group else s.size
                 if m.stop(units) > t.shape[m.axis]:
-                    raise MudscError(
+                    raise SpecError(
                         f"{where}: needs positions {m.start}..{m.stop(units) - 1} "
                         f"but the axis has length {t.shape[m.axis]}"
                     )

@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 import mudsc.spaces.functions  # noqa: F401  (registers the built-in function rules)
-from mudsc.errors import MudscError
+from mudsc.errors import SpecError
 from mudsc.modes import eval_mode
 from mudsc.spaces.atoms import Atoms, Layout
 from mudsc.spaces.build import Key, Place, build, places
@@ -179,7 +179,7 @@ def _shapes(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> dict[fx.Node
     except Exception as exc:
         node = recorder.failed
         where = f" at '{_scope(node) or node.name}'" if node is not None else ""
-        raise MudscError(
+        raise SpecError(
             f"running {type(model).__name__} on the example input failed{where}: {exc!s}.  "
             f"Pass an example input the model accepts (a small batch of the real input shape)."
         ) from exc
