@@ -60,7 +60,7 @@ class Registry(Generic[T]):
         return entry
 
     def get(self, name: str) -> T:
-        entry = self._entries.get(name)
+        entry = self._entries.get(name) if isinstance(name, str) else None
         if entry is None:
             raise ConfigError(
                 f"unknown {self.kind} {name!r}; valid {self.plural}: {', '.join(self._entries)}"

@@ -46,11 +46,16 @@ def check_similarity(similarity: torch.Tensor, n_models: int) -> int:
     return size // n_models
 
 
-def check_groups(n: int, groups: int) -> int:
-    """Validate a block count G for a space of n units and return the block size g."""
+def check_group_count(groups: int) -> int:
+    """Validate a block count G on its own (a positive integer) and return it."""
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ConfigError(f"groups must be a positive integer, got {groups!r}.")
-    if n % groups:
+    return groups
+
+
+def check_groups(n: int, groups: int) -> int:
+    """Validate a block count G for a space of n units and return the block size g."""
+    if n % check_group_count(groups):
         raise SpecError(
             f"a space of {n} units cannot be split into {groups} equal blocks; "
             "groups must divide the space size."

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mudsc.errors import ConfigError, SpecError
+
 
 @dataclass(frozen=True)
 class Match:
@@ -21,6 +23,19 @@ class Match:
     unmerge: torch.Tensor
     value: float
     n_models: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_models, bool) or not isinstance(self.n_models, int) or (
+            self.n_models < 1
+        ):
+            raise ConfigError(f"n_models must be a positive integer, got {self.n_models!r}.")
+        shapes = [tuple(getattr(m, "shape", ())) for m in (self.merge, self.unmerge)]
+        rows, cols = shapes[0] if len(shapes[0]) == 2 else (0, 0)
+        if shapes[0] != shapes[1] or cols < 1 or rows != self.n_models * cols:
+            raise SpecError(
+                f"a match's merge and unmerge must both be (N*n, n) matrices for "
+                f"N={self.n_models} models, got shapes {shapes[0]} and {shapes[1]}"
+            )
 
     @property
     def size(self) -> int:
@@ -49,5 +64,8 @@ def match_from_unmerge(unmerge: torch.Tensor, n_models: int, value: float) -> Ma
 
 def identity_match(n: int, n_models: int, dtype: torch.dtype = torch.float64) -> Match:
     """U = [I; I; ...]: unit k of every model goes to merged unit k (plain averaging)."""
+    for what, value in (("units per space", n), ("models", n_models)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"the number of {what} must be a positive integer, got {value!r}.")
     eye = torch.eye(n, dtype=dtype)
     return match_from_unmerge(torch.cat([eye] * n_models, dim=0), n_models, value=0.0)

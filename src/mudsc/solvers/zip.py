@@ -45,6 +45,9 @@ _NUMPY_ON_CPU = True  # CPU similarities take the NumPy loop (tests switch it of
 
 def check_zip_params(a: float, b: float, n_models: int) -> None:
     """Reject damping/budget values that would make the greedy meaningless."""
+    for name, value in (("damping a", a), ("budget factor b", b)):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"zip {name} must be a number, got {value!r}.")
     if not math.isfinite(a):
         raise ConfigError(f"zip damping a must be a finite number, got {a!r}.")
     if not math.isfinite(b) or b < 0:

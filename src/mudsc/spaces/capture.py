@@ -131,7 +131,7 @@ def symbolic_trace(model: nn.Module, rules: Rules) -> fx.GraphModule:
         where = tracer.failed_in or f"'<root>' ({type(model).__name__})"
         raise _FxFailure(
             f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: "
-            f"{_first_line(exc)} (in module {where})"
+            f"{first_line(exc)} (in module {where})"
         ) from exc
     return fx.GraphModule(model, graph)
 
@@ -143,12 +143,13 @@ def _export(
         exported = export_graph(model, inputs)
     except Exception as exc:
         reason = f"torch.export cannot trace {type(model).__name__}: {type(exc).__name__}: "
-        reason += _first_line(exc)
+        reason += first_line(exc)
         both = f"{fx_failure}; {reason}" if fx_failure else reason
         raise SpecError(f"{both}.  {_FX_FIX}  {HAND_SPEC}") from exc
     return regroup(model, exported, rules)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message: errors stay one line."""
     text = str(exc).strip().splitlines()
     return text[0] if text else "(no message)"

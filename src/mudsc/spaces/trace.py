@@ -24,11 +24,11 @@ import torch
 from torch import fx, nn
 
 import mudsc.spaces.functions  # noqa: F401  (registers the built-in function rules)
-from mudsc.errors import SpecError
+from mudsc.errors import ConfigError, SpecError
 from mudsc.modes import eval_mode
 from mudsc.spaces.atoms import Atoms, Layout
 from mudsc.spaces.build import Key, Place, build, places
-from mudsc.spaces.capture import Route, as_module, capture
+from mudsc.spaces.capture import Route, as_module, capture, first_line
 from mudsc.spaces.context import (
     Ctx,
     MemberRec,
@@ -105,6 +105,11 @@ def trace_model(
     :mod:`mudsc.spaces.capture`).  A ``torch.export`` program (or its ``.module()``) is
     read by the export route.
     """
+    if not isinstance(model, nn.Module | torch.export.ExportedProgram):
+        raise ConfigError(
+            f"tracing needs a torch.nn.Module (or a torch.export program), got "
+            f"{type(model).__name__}"
+        )
     register_library_layers()
     rules = RULES if rules is None else rules.over(RULES)
     inputs = example_input if isinstance(example_input, tuple | list) else (example_input,)
@@ -180,7 +185,8 @@ def _shapes(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> dict[fx.Node
         node = recorder.failed
         where = f" at '{_scope(node) or node.name}'" if node is not None else ""
         raise SpecError(
-            f"running {type(model).__name__} on the example input failed{where}: {exc!s}.  "
+            f"running {type(model).__name__} on the example input failed{where}: "
+            f"{first_line(exc)}.  "
             f"Pass an example input the model accepts (a small batch of the real input shape)."
         ) from exc
     return recorder.meta
