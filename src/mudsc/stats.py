@@ -295,6 +295,26 @@ def _hook(recorder: _Observer, model: int, space: Space, index: int, tap: Tap, p
     return post_hook
 
 
+def _device(device: torch.device | str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"{device!r} is not a torch device (e.g. 'cpu', 'cuda:0')") from exc
+    if dev.type == "meta":
+        raise ConfigError("statistics need real tensors; the 'meta' device holds none")
+    return dev
+
+
+def _fitting_forward(model: nn.Module, batch: Any, device: torch.device, what: str) -> None:
+    """A forward pass whose failure on the batch is reported as data that does not fit
+    (a tap's own error, a MudscError, passes unchanged)."""
+    try:
+        _forward(model, batch, device)
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{what} does not fit the model: {first}") from exc
+
+
 def _model_device(model: nn.Module) -> torch.device:
     first = next(iter(list(model.parameters()) + list(model.buffers())), None)
     return torch.device("cpu") if first is None else first.device
@@ -362,7 +382,7 @@ def collect_moments(
     models = list(models)
     if not models:
         raise ConfigError("collect_moments needs at least one model")
-    dev = torch.device(device) if device is not None else _model_device(models[0])
+    dev = _device(device) if device is not None else _model_device(models[0])
     _check_device(models, dev)
     chosen = _selected_spaces(spec, spaces)
     n_models = len(models)
@@ -374,9 +394,9 @@ def collect_moments(
             _attach(stack, recorder, i, model, chosen)
         stack.enter_context(eval_mode(*models))
         with torch.no_grad():
-            for batch in batches:
-                for model in models:
-                    _forward(model, batch, dev)
+            for k, batch in enumerate(batches):
+                for i, model in enumerate(models):
+                    _fitting_forward(model, batch, dev, f"calibration batch {k} (model {i})")
                 recorder.end_batch()
                 n_batches += 1
     if n_batches == 0:

@@ -22,6 +22,7 @@ import copy
 import itertools
 import logging
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 LOSS_SCALE = 100.0  # cosine-logit scale used in training (docs/ALGORITHM.md section 8)
 VARIANTS = ("naive", "aligned", "aligned + renorm")
+MAX_STEPS = 1001  # each step evaluates three models on the evaluation set
 RENORM_LABELS = {"bn": "BN reset", "repair": "REPAIR", "none": "no renormalisation"}
 
 
@@ -213,6 +215,18 @@ def source_states(result: MergeResult, sources: Sequence[nn.Module]) -> list[dic
     ]
 
 
+def check_count(value: int, option: str, low: int, high: int, why: str) -> int:
+    """An integer option in ``low..high`` (a figure's steps or grid size), or one line
+    saying so: checked before any merge, so a bad value costs nothing."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or not (low <= value <= high)
+    ):
+        raise ConfigError(f"{option} must be an integer in {low}..{high} ({why}), got {value!r}")
+    return int(value)
+
+
 def check_methods(methods: Sequence[str]) -> list[str]:
     """The methods as a list, or an error naming the unknown or repeated ones."""
     methods = list(methods)
@@ -324,8 +338,7 @@ def compute_interpolation(
     progress: Progress | None = None,
 ) -> Interpolation:
     """Evaluate every task along the naive and the aligned straight paths from A to B."""
-    if steps < 2:
-        raise ConfigError(f"--steps must be at least 2 (the two end points), got {steps}")
+    check_count(steps, "--steps", 2, MAX_STEPS, "the two end points and the points between")
     if not batches:
         raise DataError("interpolation needs calibration batches (for matching and BN reset)")
     sources = [model_a.to(device), model_b.to(device)]

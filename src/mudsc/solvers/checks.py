@@ -9,14 +9,13 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from mudsc.errors import ConfigError, DataError, SpecError
-from mudsc.solvers.match import Match, match_from_unmerge
+from mudsc.errors import DataError, SpecError
+from mudsc.solvers.match import Match, check_positive, match_from_unmerge
 
 
 def check_similarity(similarity: torch.Tensor, n_models: int) -> int:
     """Validate an (N*n) x (N*n) similarity matrix and return n, the units per model."""
-    if isinstance(n_models, bool) or not isinstance(n_models, int) or n_models < 1:
-        raise ConfigError(f"n_models must be a positive integer, got {n_models!r}.")
+    check_positive(n_models, "n_models")
     if not isinstance(similarity, torch.Tensor):
         raise SpecError(
             f"similarity must be a torch.Tensor, got {type(similarity).__name__}; "
@@ -48,9 +47,7 @@ def check_similarity(similarity: torch.Tensor, n_models: int) -> int:
 
 def check_group_count(groups: int) -> int:
     """Validate a block count G on its own (a positive integer) and return it."""
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ConfigError(f"groups must be a positive integer, got {groups!r}.")
-    return groups
+    return check_positive(groups, "groups")
 
 
 def check_groups(n: int, groups: int) -> int:

@@ -305,7 +305,6 @@ def _record(cls: type, data: object, where: str) -> object:
     record = cls(**values)
     if isinstance(record, Space) and record.size % record.groups:
         raise SpecError(
-            f"merge spec: {where}: size {record.size} must be a multiple of groups "
-            f"{record.groups}"
+            f"merge spec: {where}: size {record.size} must be a multiple of groups {record.groups}"
         )
     return record

@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 import mudsc.spaces.functions  # noqa: F401  (registers the built-in function rules)
-from mudsc.errors import ConfigError, SpecError
+from mudsc.errors import ConfigError, DataError, SpecError
 from mudsc.modes import eval_mode
 from mudsc.spaces.atoms import Atoms, Layout
 from mudsc.spaces.build import Key, Place, build, places
@@ -113,6 +113,7 @@ def trace_model(
     register_library_layers()
     rules = RULES if rules is None else rules.over(RULES)
     inputs = example_input if isinstance(example_input, tuple | list) else (example_input,)
+    _check_finite(inputs)
     model, exported = as_module(model)
     gm, taken = capture(model, tuple(inputs), rules, route, exported)
     metas = _shapes(gm, model, inputs)
@@ -126,6 +127,18 @@ def trace_model(
         spec, gm, metas, analysis.values, keys, analysis.atoms,
         tuple(model.state_dict().keys()), type(model).__name__, taken,
     )  # fmt: skip
+
+
+def _check_finite(inputs: Any) -> None:
+    """Refuse NaN/inf in the example: the shapes would trace, but the numeric check of the
+    spec and every statistic on it would be meaningless."""
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.is_meta:
+            if not bool(torch.isfinite(x).all()):
+                raise DataError(
+                    f"example input {i} (in a merge: the first calibration batch) has NaN or "
+                    "infinite values; pass real inputs"
+                )
 
 
 def trace(
