@@ -25,6 +25,7 @@ from mudsc.modes import eval_mode, train_mode
 from mudsc.moments import combine
 from mudsc.solvers.match import Match
 from mudsc.spaces.spec import MergeSpec
+from mudsc.stats import batch_fits
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,9 @@ def _nonempty(batches: Iterable[Tensor]) -> list[Tensor]:
 
 def _forward_all(model: nn.Module, batches: Iterable[Tensor], device: torch.device | str) -> int:
     batches = _nonempty(batches)
-    for x in batches:
-        model(x.to(device))
+    for k, x in enumerate(batches):
+        with batch_fits(f"calibration batch {k}"):
+            model(x.to(device))
     return len(batches)
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -305,11 +305,13 @@ def _device(device: torch.device | str) -> torch.device:
     return dev
 
 
-def _fitting_forward(model: nn.Module, batch: Any, device: torch.device, what: str) -> None:
-    """A forward pass whose failure on the batch is reported as data that does not fit
-    (a tap's own error, a MudscError, passes unchanged)."""
+@contextmanager
+def batch_fits(what: str) -> Iterator[None]:
+    """Report torch's failure to run the model on a batch (another input shape, a batch
+    of one in BatchNorm's training mode) as one line naming the batch; a MudscError (a
+    tap's own) passes unchanged."""
     try:
-        _forward(model, batch, device)
+        yield
     except (RuntimeError, TypeError, ValueError, IndexError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DataError(f"{what} does not fit the model: {first}") from exc
@@ -396,7 +398,8 @@ def collect_moments(
         with torch.no_grad():
             for k, batch in enumerate(batches):
                 for i, model in enumerate(models):
-                    _fitting_forward(model, batch, dev, f"calibration batch {k} (model {i})")
+                    with batch_fits(f"calibration batch {k} (model {i})"):
+                        _forward(model, batch, dev)
                 recorder.end_batch()
                 n_batches += 1
     if n_batches == 0:
