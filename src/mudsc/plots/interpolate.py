@@ -189,7 +189,10 @@ def renormaliser_for(
 def lerp_state(a: Mapping[str, Tensor], b: Mapping[str, Tensor], t: float) -> dict[str, Tensor]:
     """(1 - t) a + t b for floating tensors; integer tensors (BN counters) are taken from a."""
     if set(a) != set(b):
-        raise CheckpointError("cannot interpolate state dicts with different tensors")
+        raise CheckpointError(
+            "cannot interpolate state dicts with different tensors; both models must be of "
+            "one architecture"
+        )
     return {
         k: torch.lerp(v.float(), b[k].float().to(v.device), t).to(v.dtype)
         if v.is_floating_point()

@@ -164,7 +164,10 @@ def parameter_vector(state: Mapping[str, Tensor], keys: Sequence[str]) -> np.nda
     """Concatenate the named tensors of ``state`` into one float64 vector."""
     missing = [k for k in keys if k not in state]
     if missing:
-        raise CheckpointError(f"the state dict lacks parameters {missing[:3]}")
+        raise CheckpointError(
+            f"the state dict lacks parameters {missing[:3]}; every model of a landscape must "
+            "be of the sources' architecture"
+        )
     return np.concatenate([state[k].detach().double().cpu().reshape(-1).numpy() for k in keys])
 
 

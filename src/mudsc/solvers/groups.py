@@ -66,7 +66,10 @@ def pair_blocks(scores: torch.Tensor) -> torch.Tensor:
             f"got shape {tuple(scores.shape)}."
         )
     if not bool(torch.isfinite(scores).all()):
-        raise DataError("block scores contain NaN or infinite entries.")
+        raise DataError(
+            "block scores contain NaN or infinite entries; check the similarity they were "
+            "computed from."
+        )
     host = scores.detach().to(device="cpu", dtype=torch.float64).numpy()
     order = np.empty((n_models, rows), dtype=np.int64)
     order[0] = np.arange(rows)
