@@ -153,7 +153,8 @@ class MergeSpec:
         range, and a bad one is refused naming it (``spaces[2].producers[0].axis``)."""
         if not isinstance(data, Mapping):
             raise SpecError(
-                f"merge spec: expected an object {{'spaces': [...]}}, got {_kind(data)}"
+                f"merge spec: expected an object {{'spaces': [...]}} as written by "
+                f"`mudsc spec --json`, got {_kind(data)}"
             )
         unknown = sorted(str(k) for k in data if k not in ("spaces", "warnings"))
         if unknown:
