@@ -10,7 +10,7 @@ import torch
 from test_apply import make
 from torch import Tensor, nn
 
-from mudsc.errors import MudscError
+from mudsc.errors import DataError, MudscError
 from mudsc.similarity import activation_similarity
 from mudsc.spaces.spec import MergeSpec, Space, Tap
 from mudsc.stats import CHUNK_ROWS, SpaceMoments, collect_moments, model_gram
@@ -146,7 +146,7 @@ def test_hooks_are_removed_and_modes_restored_even_on_error() -> None:
     a.train()
     collect_moments([a, b], spec, batches_for("mlp"))
     assert a.training and a.fc1.training and not b.training
-    with pytest.raises(RuntimeError):
+    with pytest.raises(DataError, match="calibration batch 1 .*does not fit the model"):
         collect_moments([a, b], spec, [torch.randn(2, 6), torch.randn(2, 7)])
     for model in (a, b):
         for module in model.modules():

@@ -37,6 +37,12 @@ _EXPORTS = {
     "load_checkpoint": "mudsc.checkpoint",
     "save_checkpoint": "mudsc.checkpoint",
     "MudscError": "mudsc.errors",
+    "ConfigError": "mudsc.errors",
+    "DataError": "mudsc.errors",
+    "SpecError": "mudsc.errors",
+    "ResourceError": "mudsc.errors",
+    "CheckpointError": "mudsc.errors",
+    "CorruptCheckpointError": "mudsc.errors",
 }
 
 # Submodules named like the public function they define.

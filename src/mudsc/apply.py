@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError, SpecError
 from mudsc.solvers.match import Match
 from mudsc.spaces.spec import AxisUse, MergeSpec, Space
 
@@ -48,7 +48,7 @@ def contract_axis(t: Tensor, axis: int, mat: Tensor, start: int = 0, inner: int 
     length = t.shape[axis]
     stop = start + n * inner
     if start < 0 or stop > length:
-        raise MudscError(
+        raise SpecError(
             f"cannot transform positions {start}..{stop - 1} of an axis of length {length}; "
             "the merge spec does not fit this tensor (check it with MergeSpec.validate)"
         )
@@ -94,7 +94,7 @@ def axis_matrix(match: Match, model_index: int, role: str) -> Tensor:
 def _group_axes(axis: int, ndim: int) -> int:
     """The axis that decides which group a per-group axis holds (the output channels)."""
     if ndim < 2:
-        raise MudscError("a per_group member needs a tensor with at least two axes")
+        raise SpecError("a per_group member needs a tensor with at least two axes")
     return 0 if axis != 0 else 1
 
 
@@ -105,7 +105,7 @@ def _expand_groups(t: Tensor, axis: int, start: int, width: int, groups: int) ->
     rows, length = x.shape[0], x.shape[1]
     rest = x.shape[2:]
     if rows % groups:
-        raise MudscError(
+        raise SpecError(
             f"a per_group axis needs {rows} output channels divisible by {groups} groups"
         )
     part = x[:, start : start + width].reshape(groups, rows // groups, width, *rest)
@@ -140,7 +140,7 @@ def _check_axis_slices(name: str, t: Tensor, uses: Sequence[AxisUse], spaces: Ma
     for use in uses:
         m = use.member
         if not -t.dim() <= m.axis < t.dim():
-            raise MudscError(
+            raise SpecError(
                 f"space {use.space!r}: tensor {name!r} has no axis {m.axis} (shape "
                 f"{tuple(t.shape)}); fix the merge spec"
             )
@@ -148,7 +148,7 @@ def _check_axis_slices(name: str, t: Tensor, uses: Sequence[AxisUse], spaces: Ma
         units = space.group_size if m.per_group else space.size
         stop = m.stop(units)
         if m.start < 0 or stop > t.shape[m.axis]:
-            raise MudscError(
+            raise SpecError(
                 f"space {use.space!r}: tensor {name!r} axis {m.axis} has length "
                 f"{t.shape[m.axis]} but the spec needs positions {m.start}..{stop - 1}"
             )
@@ -157,12 +157,12 @@ def _check_axis_slices(name: str, t: Tensor, uses: Sequence[AxisUse], spaces: Ma
         slices.sort(key=lambda s: s[0])
         for (_, stop_a, a), (start_b, _, b) in zip(slices, slices[1:], strict=False):
             if start_b < stop_a:
-                raise MudscError(
+                raise SpecError(
                     f"tensor {name!r} axis {axis}: spaces {a.space!r} and {b.space!r} "
                     "claim overlapping positions; fix the merge spec"
                 )
         if len(slices) > 1 and any(s[2].member.per_group for s in slices):
-            raise MudscError(
+            raise SpecError(
                 f"tensor {name!r} axis {axis}: a per_group member must be the only member "
                 "of its axis (not supported otherwise)"
             )
@@ -223,18 +223,18 @@ def check_matches(
         n_models = next(iter(matches.values())).n_models
     for name, match in matches.items():
         if name not in mergeable:
-            raise MudscError(
+            raise SpecError(
                 f"a match is given for {name!r}, which is not a mergeable space of the spec; "
                 f"mergeable spaces: {sorted(mergeable)}"
             )
         n = mergeable[name].size
         if match.n_models != n_models or tuple(match.merge.shape) != (n_models * n, n):
-            raise MudscError(
+            raise SpecError(
                 f"the match of space {name!r} has merge shape {tuple(match.merge.shape)} for "
                 f"{match.n_models} models, expected ({n_models * n}, {n}) for {n_models} models"
             )
         if match.unmerge.shape != match.merge.shape:
-            raise MudscError(
+            raise SpecError(
                 f"the match of space {name!r} has merge and unmerge of different shapes"
             )
 
@@ -243,7 +243,7 @@ def _uses_in(spec: MergeSpec, state: Mapping[str, Tensor]) -> dict[str, list[Axi
     uses = spec.tensor_uses()
     missing = sorted(k for k in uses if k not in state)
     if missing:
-        raise MudscError(
+        raise SpecError(
             f"the merge spec names tensors the model does not have: {missing[:5]}; the spec "
             "was made for another architecture (check it with MergeSpec.validate)"
         )
@@ -270,10 +270,10 @@ def transform_state(
     tensors keep their input dtype.  ``skip_space`` leaves one space in model i's basis.
     """
     if model_index < 0:
-        raise MudscError(f"model_index must be >= 0, got {model_index}")
+        raise ConfigError(f"model_index must be >= 0, got {model_index}")
     for name, match in matches.items():
         if model_index >= match.n_models:
-            raise MudscError(
+            raise SpecError(
                 f"the match of space {name!r} covers {match.n_models} models; "
                 f"there is no model {model_index}"
             )
@@ -301,13 +301,13 @@ def apply_matches(
     """
     n_models = len(states)
     if n_models < 1:
-        raise MudscError("apply_matches needs at least one model state")
+        raise ConfigError("apply_matches needs at least one model state")
     check_matches(spec, matches, n_models)
     keys = list(states[0].keys())
     for i, state in enumerate(states[1:], start=1):
         if set(state.keys()) != set(keys):
             diff = sorted(set(state.keys()) ^ set(keys))
-            raise MudscError(
+            raise SpecError(
                 f"model {i} has different tensors than model 0 (e.g. {diff[:5]}); merging "
                 "needs models of one architecture"
             )
@@ -318,7 +318,7 @@ def apply_matches(
         ref = states[0][key]
         for i, state in enumerate(states):
             if state[key].shape != ref.shape:
-                raise MudscError(
+                raise SpecError(
                     f"tensor {key!r} has shape {tuple(state[key].shape)} in model {i} but "
                     f"{tuple(ref.shape)} in model 0; merging needs equal widths"
                 )

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class Registry(Generic[T]):
         """Add ``entry`` under its name (names are unique); returns it."""
         if entry.name in self._entries:
             article = "an" if self.kind[:1] in "aeiou" else "a"
-            raise MudscError(
+            raise ConfigError(
                 f"{article} {self.kind} named {entry.name!r} is already registered; "
                 "pick another name"
             )
@@ -60,9 +60,9 @@ class Registry(Generic[T]):
         return entry
 
     def get(self, name: str) -> T:
-        entry = self._entries.get(name)
+        entry = self._entries.get(name) if isinstance(name, str) else None
         if entry is None:
-            raise MudscError(
+            raise ConfigError(
                 f"unknown {self.kind} {name!r}; valid {self.plural}: {', '.join(self._entries)}"
             )
         return entry

@@ -19,12 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError, DataError
 from mudsc.layers import has_batchnorm, is_batchnorm, layer_type
 from mudsc.modes import eval_mode, train_mode
 from mudsc.moments import combine
 from mudsc.solvers.match import Match
 from mudsc.spaces.spec import MergeSpec
+from mudsc.stats import batch_fits
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ _EPS = 1e-5
 def resolve_mode(mode: str, model: nn.Module) -> str:
     """``auto`` -> BN reset where the model has BatchNorm, REPAIR otherwise."""
     if mode not in REPAIR_MODES:
-        raise MudscError(f"unknown repair {mode!r}; valid: {', '.join(REPAIR_MODES)}")
+        raise ConfigError(f"unknown repair {mode!r}; valid: {', '.join(REPAIR_MODES)}")
     if mode == "auto":
         return "bn" if has_batchnorm(model) else "repair"
     return mode
@@ -45,14 +46,15 @@ def _nonempty(batches: Iterable[Tensor]) -> list[Tensor]:
     """The batches as a list; none is an error, raised before any state is touched."""
     batches = list(batches)
     if not batches:
-        raise MudscError("normalisation repair needs calibration data, but none was given")
+        raise DataError("normalisation repair needs calibration data, but none was given")
     return batches
 
 
 def _forward_all(model: nn.Module, batches: Iterable[Tensor], device: torch.device | str) -> int:
     batches = _nonempty(batches)
-    for x in batches:
-        model(x.to(device))
+    for k, x in enumerate(batches):
+        with batch_fits(f"calibration batch {k}"):
+            model(x.to(device))
     return len(batches)
 
 
@@ -115,7 +117,7 @@ class _Moments:
 
     def mean_std(self) -> tuple[Tensor, Tensor]:
         if self.mean is None or self.m2 is None:
-            raise MudscError("REPAIR measured no batch; the calibration data is empty")
+            raise DataError("REPAIR measured no batch; the calibration data is empty")
         return self.mean, (self.m2 / self.count).clamp_min(0.0).sqrt()
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError, DataError, SpecError
 from mudsc.modes import eval_mode
 from mudsc.spaces import permute_state, random_permutations
 from mudsc.spaces.spec import MergeSpec, Space, Tap
@@ -81,7 +81,7 @@ class SpaceMoments:
     def merged(self, other: SpaceMoments) -> SpaceMoments:
         """Moments of the union of both observation sets."""
         if other.n_models != self.n_models or other.sum.shape != self.sum.shape:
-            raise MudscError(
+            raise SpecError(
                 f"cannot merge moments of {other.n_models} models x {other.size} units into "
                 f"moments of {self.n_models} models x {self.size} units"
             )
@@ -102,7 +102,7 @@ class SpaceMoments:
 
     def _check_count(self) -> None:
         if self.count <= 0:
-            raise MudscError("these moments hold no observations; collect some data first")
+            raise DataError("these moments hold no observations; collect some data first")
 
     def mean(self) -> Tensor:
         """E[x], shape (N*n,)."""
@@ -208,7 +208,7 @@ class _Recorder:
             return
         parts = self.stash.pop(key, []) + [feats]
         if len(parts) != self.n_models or any(p.shape != feats.shape for p in parts):
-            raise MudscError(
+            raise SpecError(
                 f"space {space!r}: tap {tap} saw different features in different models "
                 f"({[tuple(p.shape) for p in parts]}); merging needs models of one architecture"
             )
@@ -217,7 +217,7 @@ class _Recorder:
     def end_batch(self) -> None:
         if self.stash:
             space, tap, _ = next(iter(self.stash))
-            raise MudscError(
+            raise SpecError(
                 f"space {space!r}: tap {tap} fired in some models but not in the last one; "
                 "merging needs models of one architecture"
             )
@@ -227,16 +227,16 @@ class _Recorder:
 def _features(x: Any, tap: Tap, n: int, proj: tuple[Tensor, Tensor | None] | None) -> Tensor:
     """The tapped tensor -> (observations, n): units last, everything else flattened."""
     if not isinstance(x, Tensor):
-        raise MudscError(f"tap at {tap.module!r} ({tap.side}) did not see a tensor")
+        raise SpecError(f"tap at {tap.module!r} ({tap.side}) did not see a tensor")
     axis = tap.axis % x.dim() if -x.dim() <= tap.axis < x.dim() else None
     if axis is None:
-        raise MudscError(f"tap at {tap.module!r}: the tensor has no axis {tap.axis}")
+        raise SpecError(f"tap at {tap.module!r}: the tensor has no axis {tap.axis}")
     if proj is not None:
         weight, bias = proj
         return F.linear(x.movedim(axis, -1).to(weight.dtype), weight, bias).reshape(-1, n)
     stop = tap.start + n * tap.inner
     if stop > x.shape[axis]:
-        raise MudscError(
+        raise SpecError(
             f"tap at {tap.module!r}: needs positions {tap.start}..{stop - 1} of axis "
             f"{tap.axis} but the tensor has shape {tuple(x.shape)}"
         )
@@ -247,9 +247,9 @@ def _features(x: Any, tap: Tap, n: int, proj: tuple[Tensor, Tensor | None] | Non
 def _projection(model: nn.Module, tap: Tap, n: int, where: str) -> tuple[Tensor, Tensor | None]:
     """Rows project_start..+n of the tap's projection weight and bias, from this model."""
     if tap.project_weight is None:
-        raise MudscError(f"{where}: project_bias is set but project_weight is not")
+        raise SpecError(f"{where}: project_bias is set but project_weight is not")
     if tap.start != 0 or tap.inner != 1:
-        raise MudscError(
+        raise SpecError(
             f"{where}: a projected tap selects rows with project_start; start and inner "
             "must stay 0 and 1"
         )
@@ -260,10 +260,10 @@ def _projection(model: nn.Module, tap: Tap, n: int, where: str) -> tuple[Tensor,
             out.append(None)
             continue
         if key not in state:
-            raise MudscError(f"{where}: the model has no tensor {key!r} to project with")
+            raise SpecError(f"{where}: the model has no tensor {key!r} to project with")
         t = state[key]
         if t.shape[0] < tap.project_start + n:
-            raise MudscError(
+            raise SpecError(
                 f"{where}: {key!r} has {t.shape[0]} rows, the tap needs rows "
                 f"{tap.project_start}..{tap.project_start + n - 1}"
             )
@@ -279,7 +279,7 @@ def _hook(recorder: _Observer, model: int, space: Space, index: int, tap: Tap, p
 
         def pre_hook(module: nn.Module, args: tuple) -> None:
             if tap.arg >= len(args):
-                raise MudscError(
+                raise SpecError(
                     f"space {space.name!r}: tap at {tap.module!r} wants positional input "
                     f"{tap.arg} but the module got {len(args)}"
                 )
@@ -295,6 +295,28 @@ def _hook(recorder: _Observer, model: int, space: Space, index: int, tap: Tap, p
     return post_hook
 
 
+def _device(device: torch.device | str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"{device!r} is not a torch device (e.g. 'cpu', 'cuda:0')") from exc
+    if dev.type == "meta":
+        raise ConfigError("statistics need real tensors; the 'meta' device holds none")
+    return dev
+
+
+@contextmanager
+def batch_fits(what: str) -> Iterator[None]:
+    """Report torch's failure to run the model on a batch (another input shape, a batch
+    of one in BatchNorm's training mode) as one line naming the batch; a MudscError (a
+    tap's own) passes unchanged."""
+    try:
+        yield
+    except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"{what} does not fit the model: {first}") from exc
+
+
 def _model_device(model: nn.Module) -> torch.device:
     first = next(iter(list(model.parameters()) + list(model.buffers())), None)
     return torch.device("cpu") if first is None else first.device
@@ -307,7 +329,7 @@ def _check_device(models: Sequence[nn.Module], device: torch.device) -> None:
                 device.index is None or t.device.index == device.index
             )
             if not same:
-                raise MudscError(
+                raise ConfigError(
                     f"model {i} has tensors on {t.device} but statistics run on {device}; "
                     "move the models there with model.to(device)"
                 )
@@ -325,7 +347,7 @@ def _forward(model: nn.Module, batch: Any, device: torch.device) -> None:
     """A batch is a tensor, an (input, label, ...) tuple/list, or a dict of keyword inputs."""
     if isinstance(batch, (tuple, list)):
         if not batch:
-            raise MudscError("a calibration batch is an empty tuple; pass (inputs, ...)")
+            raise DataError("a calibration batch is an empty tuple; pass (inputs, ...)")
         batch = batch[0]
     if isinstance(batch, Mapping):
         model(**_move(batch, device))
@@ -337,7 +359,7 @@ def _selected_spaces(spec: MergeSpec, spaces: Iterable[str] | None) -> list[Spac
     chosen = list(spec.mergeable) if spaces is None else [spec.space(n) for n in spaces]
     for s in chosen:
         if not s.taps:
-            raise MudscError(
+            raise SpecError(
                 f"space {s.name!r} has no tap, so its activations cannot be observed; add a "
                 "Tap to the spec or leave the space out with spaces=[...]"
             )
@@ -361,8 +383,8 @@ def collect_moments(
     """
     models = list(models)
     if not models:
-        raise MudscError("collect_moments needs at least one model")
-    dev = torch.device(device) if device is not None else _model_device(models[0])
+        raise ConfigError("collect_moments needs at least one model")
+    dev = _device(device) if device is not None else _model_device(models[0])
     _check_device(models, dev)
     chosen = _selected_spaces(spec, spaces)
     n_models = len(models)
@@ -374,13 +396,14 @@ def collect_moments(
             _attach(stack, recorder, i, model, chosen)
         stack.enter_context(eval_mode(*models))
         with torch.no_grad():
-            for batch in batches:
-                for model in models:
-                    _forward(model, batch, dev)
+            for k, batch in enumerate(batches):
+                for i, model in enumerate(models):
+                    with batch_fits(f"calibration batch {k} (model {i})"):
+                        _forward(model, batch, dev)
                 recorder.end_batch()
                 n_batches += 1
     if n_batches == 0:
-        raise MudscError(
+        raise DataError(
             "no calibration data: the batches iterable is empty; pass at least one batch"
         )
     result = {name: _finished(name, acc) for name, acc in accs.items()}
@@ -463,7 +486,7 @@ def _attach(
             try:
                 module = model.get_submodule(tap.module)
             except AttributeError as exc:
-                raise MudscError(f"{where}: model {i} has no such module") from exc
+                raise SpecError(f"{where}: model {i} has no such module") from exc
             proj = None
             if tap.project_weight is not None or tap.project_bias is not None:
                 proj = _projection(model, tap, space.size, where)
@@ -479,12 +502,12 @@ def _attach(
 def _finished(name: str, acc: _Accumulator) -> SpaceMoments:
     """The moments of one space, refused when no tap fired or a value is not finite."""
     if acc.count == 0:
-        raise MudscError(
+        raise SpecError(
             f"space {name!r}: none of its taps fired during the forward passes; check "
             "the taps' module paths"
         )
     if not (torch.isfinite(acc.sum).all() and torch.isfinite(acc.sum_outer).all()):
-        raise MudscError(
+        raise DataError(
             f"space {name!r}: its activations are not finite (NaN or inf) on the "
             "calibration data; check the models' weights and the inputs"
         )

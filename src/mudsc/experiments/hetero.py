@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mudsc.data import ImageDataset, draw_calibration
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError, DataError
 from mudsc.experiments.config import ExperimentConfig
 from mudsc.experiments.hetero_report import hetero_report
 from mudsc.experiments.hetero_tasks import constant_loss, fixed_set, mean_loss, scaled_performance
@@ -50,7 +50,7 @@ def head_input_space(spec: Any, encoder: nn.Module) -> str:
             if m.tensor == "head.weight" and m.axis == 1 and m.start == 0 and m.inner == 1:
                 if space.size == n_in:
                     return space.name
-    raise MudscError(
+    raise ConfigError(
         "keep_heads needs the encoder's 'head' Linear to read one whole merge space; this "
         "architecture's head does not, so set keep_heads: false (merge the whole encoder)"
     )
@@ -148,7 +148,7 @@ class HeteroPool:
         self, cfg: ExperimentConfig, data: ImageDataset, device: Any, progress: Progress
     ) -> None:
         if cfg.hetero is None:
-            raise MudscError("a hetero experiment needs a config with kind: hetero")
+            raise ConfigError("a hetero experiment needs a config with kind: hetero")
         self.cfg, self.hetero, self.data = cfg, cfg.hetero, data
         self.device, self.progress = device, progress
         self.tasks: dict[str, dict[str, float]] = {}
@@ -157,14 +157,14 @@ class HeteroPool:
         """Data-dependent checks before any training."""
         cfg, data = self.cfg, self.data
         if data.image_size % 4 or data.train_images.shape[-2] != data.image_size:
-            raise MudscError(
+            raise DataError(
                 f"hetero tasks need square images with a size divisible by 4; {cfg.dataset} "
                 f"has {tuple(data.train_images.shape[-2:])}"
             )
         build_model(cfg, data)
         cal = cfg.calibration
         if cal.size > len(data.train_images):
-            raise MudscError(
+            raise ConfigError(
                 f"config key 'calibration.size' ({cal.size}) exceeds the "
                 f"{len(data.train_images)} training images; lower it"
             )

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mudsc.data import ImageDataset
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError
 from mudsc.modes import eval_mode
 
 ROTATIONS = 4
@@ -28,7 +28,7 @@ class ImageDecoder(nn.Module):
     def __init__(self, embed_dim: int, channels: int, size: int) -> None:
         super().__init__()
         if size % 4:
-            raise MudscError(f"image decoders need an image size divisible by 4, got {size}")
+            raise ConfigError(f"image decoders need an image size divisible by 4, got {size}")
         self.base = size // 4
         self.fc = nn.Linear(embed_dim, 32 * self.base * self.base)
         self.up1 = nn.ConvTranspose2d(32, 16, 4, stride=2, padding=1)
@@ -115,7 +115,7 @@ def fixed_set(
 def scaled_performance(l_avg: float, l_model: float, l_orig: float, task: str) -> float:
     """(L_avg - L_model) / (L_avg - L_orig): 1 = as good as the original, 0 = a constant."""
     if not l_avg - l_orig > 1e-12:
-        raise MudscError(
+        raise ConfigError(
             f"the {task} encoder is no better than a constant predictor (loss {l_orig:.4g} vs "
             f"{l_avg:.4g}), so scaled performance is undefined; train it longer (train.epochs)"
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError
 from mudsc.similarity import SIMILARITIES, Similarity
 from mudsc.solvers import SOLVERS, Param, Solver
 
@@ -32,7 +32,7 @@ class Method:
         if self.similarity is not None:
             SIMILARITIES.get(self.similarity)
         elif solver.needs_similarity:
-            raise MudscError(
+            raise ConfigError(
                 f"method {self.name!r}: solver {self.solver!r} needs a similarity; name one of "
                 f"{', '.join(SIMILARITIES.names())}"
             )

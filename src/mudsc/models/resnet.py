@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError
 from mudsc.models.registry import (
     common_args,
     positive_float,
@@ -145,7 +145,7 @@ class ResNet20GN(_ResNet20):
         width = positive_int("width", width)
         groups = positive_int("groups", groups)
         if (16 * width) % groups:
-            raise MudscError(
+            raise ConfigError(
                 f"resnet20-gn: groups={groups} does not divide the {16 * width} channels of the "
                 f"first stage (16 x width {width}); choose groups dividing {16 * width}"
             )

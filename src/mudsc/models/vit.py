@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError
 from mudsc.models.registry import common_args, positive_float, positive_int, register, scaled
 
 
@@ -95,13 +95,13 @@ class ViT(nn.Module):
         }  # fmt: skip
 
         if args["image_size"] % patch_size:
-            raise MudscError(
+            raise ConfigError(
                 f"vit: image_size {args['image_size']} is not divisible by patch_size "
                 f"{patch_size}; choose a patch_size that divides the image size"
             )
         model_dim = scaled(dim, width)
         if model_dim % heads:
-            raise MudscError(
+            raise ConfigError(
                 f"vit: model width {model_dim} (dim {dim} x width {width}) is not divisible by "
                 f"heads={heads}; choose dim, width and heads so that heads divides dim x width"
             )

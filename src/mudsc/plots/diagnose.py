@@ -31,7 +31,7 @@ from matplotlib.patches import Patch
 from scipy.stats import spearmanr
 from torch import Tensor, nn
 
-from mudsc.errors import MudscError
+from mudsc.errors import DataError, SpecError
 from mudsc.modes import eval_mode
 from mudsc.plots.interpolate import check_methods, merge_every_method
 from mudsc.plots.style import method_color, new_figure
@@ -70,7 +70,7 @@ def cross_block(similarity: Tensor | np.ndarray, n: int) -> np.ndarray:
     """S[model 0 units, model 1 units] (n x n) of a 2n x 2n matrix."""
     s = np.asarray(similarity.detach().cpu() if isinstance(similarity, Tensor) else similarity)
     if s.shape != (2 * n, 2 * n):
-        raise MudscError(f"expected a {2 * n} x {2 * n} similarity matrix, got {s.shape}")
+        raise SpecError(f"expected a {2 * n} x {2 * n} similarity matrix, got {s.shape}")
     return s[:n, n:]
 
 
@@ -78,7 +78,7 @@ def rank_agreement(a: np.ndarray, b: np.ndarray) -> float | None:
     """Spearman rank correlation of two equally shaped arrays; None if either is constant."""
     a, b = np.ravel(a), np.ravel(b)
     if a.shape != b.shape:
-        raise MudscError(f"cannot correlate arrays of {a.size} and {b.size} entries")
+        raise SpecError(f"cannot correlate arrays of {a.size} and {b.size} entries")
     if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return None
     rho = spearmanr(a, b).statistic
@@ -134,7 +134,7 @@ def compute_diagnosis(
     """Merge with every method, then compare S_w and S_act space by space."""
     methods = check_methods(methods)
     if not batches:
-        raise MudscError("the diagnosis needs calibration batches (activation similarity)")
+        raise DataError("the diagnosis needs calibration batches (activation similarity)")
     sources = [model_a.to(device), model_b.to(device)]
     options = dict(merge_options or {})
     with eval_mode(*sources):

@@ -22,6 +22,7 @@ import copy
 import itertools
 import logging
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,7 +36,7 @@ from torch import Tensor, nn
 
 from mudsc.apply import transform_state
 from mudsc.data import ImageDataset
-from mudsc.errors import MudscError
+from mudsc.errors import CheckpointError, ConfigError, DataError
 from mudsc.evaluate import embed
 from mudsc.merge import MergeConfig, MergeResult, merge_models
 from mudsc.methods import METHODS
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 LOSS_SCALE = 100.0  # cosine-logit scale used in training (docs/ALGORITHM.md section 8)
 VARIANTS = ("naive", "aligned", "aligned + renorm")
+MAX_STEPS = 1001  # each step evaluates three models on the evaluation set
 RENORM_LABELS = {"bn": "BN reset", "repair": "REPAIR", "none": "no renormalisation"}
 
 
@@ -68,15 +70,15 @@ class EvalSet:
 
     def __post_init__(self) -> None:
         if len(self.images) != len(self.labels):
-            raise MudscError(f"{len(self.images)} evaluation images but {len(self.labels)} labels")
+            raise DataError(f"{len(self.images)} evaluation images but {len(self.labels)} labels")
         if not self.tasks or any(not t for t in self.tasks):
-            raise MudscError("evaluation needs at least one non-empty task (a list of class ids)")
+            raise ConfigError("evaluation needs at least one non-empty task (a list of class ids)")
         flat = [c for t in self.tasks for c in t]
         if len(set(flat)) != len(flat):
-            raise MudscError(f"tasks overlap: {self.tasks}; each class may belong to one task")
+            raise ConfigError(f"tasks overlap: {self.tasks}; each class may belong to one task")
         for i, task in enumerate(self.tasks):
             if not torch.isin(self.labels, torch.tensor(task)).any():
-                raise MudscError(
+                raise DataError(
                     f"the evaluation images contain no image of task {i} (classes {list(task)}); "
                     "use a larger --data-size"
                 )
@@ -94,7 +96,7 @@ class EvalSet:
         union = sorted({int(c) for t in tasks for c in t})
         images, labels = dataset.subset(union, split="test")
         if not 0 < size <= len(images):
-            raise MudscError(
+            raise ConfigError(
                 f"--data-size must be in 1..{len(images)} (test images of classes {union}), "
                 f"got {size}"
             )
@@ -135,7 +137,7 @@ def weighted_matches(matches: Mapping[str, Match], weights: Sequence[float]) -> 
     out = {}
     for name, m in matches.items():
         if len(weights) != m.n_models:
-            raise MudscError(f"{len(weights)} interpolation weights for {m.n_models} models")
+            raise ConfigError(f"{len(weights)} interpolation weights for {m.n_models} models")
         scale = torch.cat(
             [torch.full((m.size, 1), m.n_models * float(w), dtype=m.merge.dtype) for w in weights]
         ).to(m.merge.device)
@@ -167,7 +169,7 @@ class Renormaliser:
             reset_batchnorm(model, self.batches, self.device)
         elif self.mode == "repair":
             if self.spec is None or not self.sources:
-                raise MudscError("REPAIR needs the source models, the spec and the matches")
+                raise ConfigError("REPAIR needs the source models, the spec and the matches")
             matches = self.matches if weights is None else weighted_matches(self.matches, weights)
             apply_repair(model, self.sources, self.spec, matches, list(self.batches), self.device)
         model.eval()
@@ -187,7 +189,10 @@ def renormaliser_for(
 def lerp_state(a: Mapping[str, Tensor], b: Mapping[str, Tensor], t: float) -> dict[str, Tensor]:
     """(1 - t) a + t b for floating tensors; integer tensors (BN counters) are taken from a."""
     if set(a) != set(b):
-        raise MudscError("cannot interpolate state dicts with different tensors")
+        raise CheckpointError(
+            "cannot interpolate state dicts with different tensors; both models must be of "
+            "one architecture"
+        )
     return {
         k: torch.lerp(v.float(), b[k].float().to(v.device), t).to(v.dtype)
         if v.is_floating_point()
@@ -213,16 +218,28 @@ def source_states(result: MergeResult, sources: Sequence[nn.Module]) -> list[dic
     ]
 
 
+def check_count(value: int, option: str, low: int, high: int, why: str) -> int:
+    """An integer option in ``low..high`` (a figure's steps or grid size), or one line
+    saying so: checked before any merge, so a bad value costs nothing."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or not (low <= value <= high)
+    ):
+        raise ConfigError(f"{option} must be an integer in {low}..{high} ({why}), got {value!r}")
+    return int(value)
+
+
 def check_methods(methods: Sequence[str]) -> list[str]:
     """The methods as a list, or an error naming the unknown or repeated ones."""
     methods = list(methods)
     if not methods:
-        raise MudscError(f"name at least one method; valid methods: {', '.join(METHODS)}")
+        raise ConfigError(f"name at least one method; valid methods: {', '.join(METHODS)}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise MudscError(f"unknown method(s) {unknown}; valid methods: {', '.join(METHODS)}")
+        raise ConfigError(f"unknown method(s) {unknown}; valid methods: {', '.join(METHODS)}")
     if len(set(methods)) != len(methods):
-        raise MudscError(f"methods are listed twice: {methods}")
+        raise ConfigError(f"methods are listed twice: {methods}")
     return methods
 
 
@@ -308,7 +325,7 @@ def load_interpolation(data: Mapping[str, Any]) -> Interpolation:
             alpha=data.get("alpha"),
         )
     except (KeyError, TypeError, ValueError) as exc:
-        raise MudscError(f"not an interpolation data file written by mudsc ({exc})") from exc
+        raise DataError(f"not an interpolation data file written by mudsc ({exc})") from exc
 
 
 def compute_interpolation(
@@ -324,10 +341,9 @@ def compute_interpolation(
     progress: Progress | None = None,
 ) -> Interpolation:
     """Evaluate every task along the naive and the aligned straight paths from A to B."""
-    if steps < 2:
-        raise MudscError(f"--steps must be at least 2 (the two end points), got {steps}")
+    check_count(steps, "--steps", 2, MAX_STEPS, "the two end points and the points between")
     if not batches:
-        raise MudscError("interpolation needs calibration batches (for matching and BN reset)")
+        raise DataError("interpolation needs calibration batches (for matching and BN reset)")
     sources = [model_a.to(device), model_b.to(device)]
     config = MergeConfig(method=method, alpha=alpha, device=str(device), **(merge_options or {}))
     ts = np.linspace(0.0, 1.0, steps)

@@ -63,12 +63,15 @@ from matplotlib.ticker import FuncFormatter, NullFormatter
 from torch import Tensor, nn
 
 from mudsc.apply import apply_matches, transform_state
-from mudsc.errors import MudscError
+from mudsc.errors import CheckpointError, ConfigError, DataError, SpecError
+from mudsc.inputs import regular_file
 from mudsc.merge import MergeConfig, MergeResult, merge_models
 from mudsc.modes import eval_mode
 from mudsc.plots.interpolate import (
+    MAX_STEPS,
     EvalSet,
     Renormaliser,
+    check_count,
     check_methods,
     merge_every_method,
     model_with_state,
@@ -82,6 +85,7 @@ from mudsc.spaces import MergeSpec
 
 log = logging.getLogger(__name__)
 ROLES = ("source A", "source B", "merged")
+MAX_RESOLUTION = 201  # 40401 evaluations of the model: hours on a CPU
 
 
 # -- pure geometry ------------------------------------------------------------------------
@@ -117,14 +121,14 @@ def pca_plane(vectors: np.ndarray) -> Plane:
     """
     x = np.asarray(vectors, dtype=np.float64)
     if x.ndim != 2 or x.shape[0] < 3:
-        raise MudscError(f"a PCA plane needs at least 3 vectors, got shape {x.shape}")
+        raise DataError(f"a PCA plane needs at least 3 vectors, got shape {x.shape}")
     if x.shape[1] < 2:
-        raise MudscError("a PCA plane needs vectors of dimension at least 2")
+        raise DataError("a PCA plane needs vectors of dimension at least 2")
     center = x.mean(axis=0)
     _, s, vh = np.linalg.svd(x - center, full_matrices=False)
     basis = vh[:2].copy()
     if basis.shape[0] < 2:  # only reachable with D == 1, excluded above
-        raise MudscError("could not find two principal directions")
+        raise DataError("could not find two principal directions")
     for i in range(2):
         if basis[i, np.argmax(np.abs(basis[i]))] < 0:
             basis[i] = -basis[i]
@@ -133,10 +137,17 @@ def pca_plane(vectors: np.ndarray) -> Plane:
     return Plane(center, basis, np.pad(explained, (0, 2 - len(explained))))
 
 
+def check_resolution(resolution: int) -> int:
+    """The grid size, refused before any work when it is not worth computing."""
+    return check_count(
+        resolution, "--resolution", 2, MAX_RESOLUTION,
+        "grid points per axis; the landscape evaluates the model at its square",
+    )  # fmt: skip
+
+
 def grid_axes(coords: np.ndarray, resolution: int, margin: float = 0.3) -> tuple[np.ndarray, ...]:
     """Square grid (same step on both axes) covering every point with a margin on each side."""
-    if resolution < 2:
-        raise MudscError(f"--resolution must be at least 2, got {resolution}")
+    check_resolution(resolution)
     coords = np.atleast_2d(coords)
     lo, hi = coords.min(axis=0), coords.max(axis=0)
     mid = (lo + hi) / 2
@@ -153,7 +164,10 @@ def parameter_vector(state: Mapping[str, Tensor], keys: Sequence[str]) -> np.nda
     """Concatenate the named tensors of ``state`` into one float64 vector."""
     missing = [k for k in keys if k not in state]
     if missing:
-        raise MudscError(f"the state dict lacks parameters {missing[:3]}")
+        raise CheckpointError(
+            f"the state dict lacks parameters {missing[:3]}; every model of a landscape must "
+            "be of the sources' architecture"
+        )
     return np.concatenate([state[k].detach().double().cpu().reshape(-1).numpy() for k in keys])
 
 
@@ -170,7 +184,7 @@ def state_from_vector(
         state[k] = chunk.reshape(t.shape).to(dtype=t.dtype, device=t.device)
         offset += n
     if offset != len(vector):
-        raise MudscError(f"parameter vector has {len(vector)} entries, the model needs {offset}")
+        raise SpecError(f"parameter vector has {len(vector)} entries, the model needs {offset}")
     return state
 
 
@@ -209,7 +223,7 @@ class Landscape:
         for i, (m, r) in enumerate(zip(self.point_methods, self.point_roles, strict=True)):
             if m == method and r == role:
                 return i
-        raise MudscError(f"no point {role!r} of method {method!r}")
+        raise ConfigError(f"no point {role!r} of method {method!r}")
 
     def arrays(self) -> dict[str, Any]:
         """The .npz content: grid, losses, projected points, paths and the PCA basis."""
@@ -240,8 +254,13 @@ class Landscape:
 
 def load_landscape(path: str | Path) -> Landscape:
     """Re-read a landscape .npz written by the CLI, to redraw it without recomputing."""
+    regular_file(path, "landscape data file")
+    not_ours = f"{path} is not a landscape data file written by mudsc"
     try:
         z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:  # numpy's text suggests unpickling: not repeated
+        raise DataError(f"{not_ours} (not a NumPy .npz archive)") from exc
+    try:
         meta = json.loads(str(z["meta"]))
         plane = Plane(
             z["center"].astype(np.float64),
@@ -266,8 +285,8 @@ def load_landscape(path: str | Path) -> Landscape:
             renorm=meta["renorm"],
             alphas=meta.get("alphas", {}),
         )
-    except (OSError, KeyError, ValueError) as exc:
-        raise MudscError(f"{path} is not a landscape data file written by mudsc ({exc})") from exc
+    except (OSError, KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{not_ours} ({exc})") from exc
 
 
 def _to_frame(
@@ -327,10 +346,10 @@ def compute_landscape(
 ) -> Landscape:
     """Merge with every method, frame all points, fit the plane, evaluate the grid."""
     methods = check_methods(methods)
+    check_resolution(resolution)
+    check_count(path_steps, "path_steps", 2, MAX_STEPS, "points on each interpolation path")
     if not batches:
-        raise MudscError("the landscape needs calibration batches (matching and BN reset)")
-    if path_steps < 2:
-        raise MudscError(f"path_steps must be at least 2, got {path_steps}")
+        raise DataError("the landscape needs calibration batches (matching and BN reset)")
     sources = [model_a.to(device), model_b.to(device)]
     options = dict(merge_options or {})
     with eval_mode(*sources):

@@ -5,15 +5,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError, SpecError
 
 
 def dual_similarity(s_weight: Tensor, s_act: Tensor, alpha: float) -> Tensor:
     """MuDSC's dual-space similarity alpha * S_w + (1 - alpha) * S_act (float64)."""
     if not 0.0 <= float(alpha) <= 1.0:
-        raise MudscError(f"alpha (the weight-space share) must be in [0, 1], got {alpha}")
+        raise ConfigError(f"alpha (the weight-space share) must be in [0, 1], got {alpha}")
     if s_weight.shape != s_act.shape:
-        raise MudscError(
+        raise SpecError(
             f"weight and activation similarities differ in shape: {tuple(s_weight.shape)} "
             f"vs {tuple(s_act.shape)}"
         )

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from mudsc.apply import check_matches, transform_tensor
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError, SpecError
 from mudsc.solvers.match import Match
 from mudsc.spaces.spec import Member, MergeSpec, Space
 from mudsc.stats import model_gram, pearson
@@ -60,11 +60,11 @@ class WeightSimilarity:
         kind: WeightKind = "correlation",
     ) -> None:
         if kind not in ("correlation", "inner"):
-            raise MudscError(
+            raise ConfigError(
                 f"unknown weight similarity kind {kind!r}; use 'correlation' or 'inner'"
             )
         if not states:
-            raise MudscError("weight similarity needs at least one model state")
+            raise ConfigError("weight similarity needs at least one model state")
         self.spec, self.states, self.kind = spec, states, kind
         self.uses = spec.tensor_uses()
         self.spaces = {s.name: s for s in spec.mergeable}
@@ -78,10 +78,10 @@ class WeightSimilarity:
     ) -> Tensor:
         space = self.spec.space(space_name)
         if space.fixed:
-            raise MudscError(f"space {space_name!r} is fixed; it has no weight similarity")
+            raise SpecError(f"space {space_name!r} is fixed; it has no weight similarity")
         groups = _members_by_tensor(space)
         if not groups:
-            raise MudscError(f"space {space_name!r} has no producer or consumer to compare")
+            raise SpecError(f"space {space_name!r} has no producer or consumer to compare")
         check_matches(self.spec, matches, len(self.states))
         parts = []
         for tensor, members in groups.items():
@@ -107,7 +107,7 @@ class WeightSimilarity:
         rows = []
         for i, state in enumerate(self.states):
             if tensor not in state:
-                raise MudscError(
+                raise SpecError(
                     f"space {space.name!r}: model {i} has no tensor {tensor!r}; the spec was "
                     "made for another architecture"
                 )

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from mudsc.registry import Param, Registry
 from mudsc.solvers.align import align
-from mudsc.solvers.checks import check_similarity
+from mudsc.solvers.checks import check_group_count, check_similarity
 from mudsc.solvers.groups import group_align, group_zip
 from mudsc.solvers.match import Match, identity_match
 from mudsc.solvers.zip import zip_match
@@ -68,7 +68,7 @@ def solve_identity(
 def solve_align(
     similarity: Tensor, n_models: int, *, groups: int = 1, block_order: Tensor | None = None
 ) -> Match:
-    if groups > 1:
+    if check_group_count(groups) > 1:
         return group_align(similarity, n_models, groups, block_order=block_order)
     return align(similarity, n_models)
 
@@ -82,7 +82,7 @@ def solve_zip(
     zip_a: float = ZIP_A.default,
     zip_b: float = ZIP_B.default,
 ) -> Match:
-    if groups > 1:
+    if check_group_count(groups) > 1:
         return group_zip(similarity, n_models, groups, zip_a, zip_b, block_order=block_order)
     return zip_match(similarity, n_models, zip_a, zip_b)
 

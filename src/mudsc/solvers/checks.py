@@ -9,49 +9,51 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from mudsc.errors import MudscError
-from mudsc.solvers.match import Match, match_from_unmerge
+from mudsc.errors import DataError, SpecError
+from mudsc.solvers.match import Match, check_positive, match_from_unmerge
 
 
 def check_similarity(similarity: torch.Tensor, n_models: int) -> int:
     """Validate an (N*n) x (N*n) similarity matrix and return n, the units per model."""
-    if isinstance(n_models, bool) or not isinstance(n_models, int) or n_models < 1:
-        raise MudscError(f"n_models must be a positive integer, got {n_models!r}.")
+    check_positive(n_models, "n_models")
     if not isinstance(similarity, torch.Tensor):
-        raise MudscError(
+        raise SpecError(
             f"similarity must be a torch.Tensor, got {type(similarity).__name__}; "
             "convert it with torch.as_tensor."
         )
     if similarity.dim() != 2 or similarity.shape[0] != similarity.shape[1]:
-        raise MudscError(
+        raise SpecError(
             f"similarity must be a square matrix over the stacked units of all models, "
             f"got shape {tuple(similarity.shape)}."
         )
     if not similarity.is_floating_point():
-        raise MudscError(
+        raise SpecError(
             f"similarity must be a floating-point tensor, got {similarity.dtype}; "
             "convert it with .double()."
         )
     size = similarity.shape[0]
     if size == 0 or size % n_models:
-        raise MudscError(
+        raise SpecError(
             f"similarity has {size} rows, which is not {n_models} models times a positive "
             "number of units; check n_models and that every model's units are stacked."
         )
     if not bool(torch.isfinite(similarity).all()):
-        raise MudscError(
+        raise DataError(
             "similarity contains NaN or infinite entries; check the statistics it was "
             "computed from (dead units must get similarity 0, not NaN)."
         )
     return size // n_models
 
 
+def check_group_count(groups: int) -> int:
+    """Validate a block count G on its own (a positive integer) and return it."""
+    return check_positive(groups, "groups")
+
+
 def check_groups(n: int, groups: int) -> int:
     """Validate a block count G for a space of n units and return the block size g."""
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise MudscError(f"groups must be a positive integer, got {groups!r}.")
-    if n % groups:
-        raise MudscError(
+    if n % check_group_count(groups):
+        raise SpecError(
             f"a space of {n} units cannot be split into {groups} equal blocks; "
             "groups must divide the space size."
         )

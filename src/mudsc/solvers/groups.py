@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mudsc.errors import MudscError
+from mudsc.errors import DataError, SpecError
 from mudsc.solvers.checks import (
     assign,
     check_groups,
@@ -58,15 +58,18 @@ def pair_blocks(scores: torch.Tensor) -> torch.Tensor:
     identity.  Pass the *sum* of the block scores of all block-tied spaces.
     """
     if not isinstance(scores, torch.Tensor) or scores.dim() != 3:
-        raise MudscError("block scores must be an (N, G, G) tensor, as from block_scores.")
+        raise SpecError("block scores must be an (N, G, G) tensor, as from block_scores.")
     n_models, rows, cols = scores.shape
     if n_models < 1 or rows != cols or rows < 1:
-        raise MudscError(
+        raise SpecError(
             f"block scores must be (N, G, G) with square G x G slices, "
             f"got shape {tuple(scores.shape)}."
         )
     if not bool(torch.isfinite(scores).all()):
-        raise MudscError("block scores contain NaN or infinite entries.")
+        raise DataError(
+            "block scores contain NaN or infinite entries; check the similarity they were "
+            "computed from."
+        )
     host = scores.detach().to(device="cpu", dtype=torch.float64).numpy()
     order = np.empty((n_models, rows), dtype=np.int64)
     order[0] = np.arange(rows)
@@ -83,7 +86,7 @@ def _block_order(
         return pair_blocks(block_scores(similarity, n_models, groups)).cpu().numpy()
     order = torch.as_tensor(block_order).detach().cpu()
     if order.shape != (n_models, groups) or order.is_floating_point():
-        raise MudscError(
+        raise SpecError(
             f"block_order must be an integer tensor of shape ({n_models}, {groups}), "
             f"got {tuple(order.shape)} {order.dtype}; build it with pair_blocks."
         )
@@ -91,7 +94,7 @@ def _block_order(
     expected = np.arange(groups)
     for i, row in enumerate(order):
         if not np.array_equal(np.sort(row), expected):
-            raise MudscError(
+            raise SpecError(
                 f"block_order row {i} is not a permutation of 0..{groups - 1}: {row.tolist()}."
             )
     return order

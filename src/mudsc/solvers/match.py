@@ -6,6 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
+from mudsc.errors import ConfigError, SpecError
+
+
+def check_positive(value: object, what: str) -> int:
+    """``value`` if it is a positive integer (a bool is not), else one line naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}.")
+    return value
+
 
 @dataclass(frozen=True)
 class Match:
@@ -21,6 +30,16 @@ class Match:
     unmerge: torch.Tensor
     value: float
     n_models: int
+
+    def __post_init__(self) -> None:
+        check_positive(self.n_models, "n_models")
+        shapes = [tuple(getattr(m, "shape", ())) for m in (self.merge, self.unmerge)]
+        rows, cols = shapes[0] if len(shapes[0]) == 2 else (0, 0)
+        if shapes[0] != shapes[1] or cols < 1 or rows != self.n_models * cols:
+            raise SpecError(
+                f"a match's merge and unmerge must both be (N*n, n) matrices for "
+                f"N={self.n_models} models, got shapes {shapes[0]} and {shapes[1]}"
+            )
 
     @property
     def size(self) -> int:
@@ -49,5 +68,7 @@ def match_from_unmerge(unmerge: torch.Tensor, n_models: int, value: float) -> Ma
 
 def identity_match(n: int, n_models: int, dtype: torch.dtype = torch.float64) -> Match:
     """U = [I; I; ...]: unit k of every model goes to merged unit k (plain averaging)."""
+    check_positive(n, "the number of units per space")
+    check_positive(n_models, "n_models")
     eye = torch.eye(n, dtype=dtype)
     return match_from_unmerge(torch.cat([eye] * n_models, dim=0), n_models, value=0.0)

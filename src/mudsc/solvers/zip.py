@@ -32,7 +32,7 @@ import math
 import numpy as np
 import torch
 
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError
 from mudsc.solvers.checks import check_similarity, match_from_labels
 from mudsc.solvers.match import Match
 
@@ -45,12 +45,15 @@ _NUMPY_ON_CPU = True  # CPU similarities take the NumPy loop (tests switch it of
 
 def check_zip_params(a: float, b: float, n_models: int) -> None:
     """Reject damping/budget values that would make the greedy meaningless."""
+    for name, value in (("damping a", a), ("budget factor b", b)):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"zip {name} must be a number, got {value!r}.")
     if not math.isfinite(a):
-        raise MudscError(f"zip damping a must be a finite number, got {a!r}.")
+        raise ConfigError(f"zip damping a must be a finite number, got {a!r}.")
     if not math.isfinite(b) or b < 0:
-        raise MudscError(f"zip budget factor b must be a finite number >= 0, got {b!r}.")
+        raise ConfigError(f"zip budget factor b must be a finite number >= 0, got {b!r}.")
     if n_models > _MAX_MODELS:
-        raise MudscError(f"zip supports at most {_MAX_MODELS} models, got {n_models}.")
+        raise ConfigError(f"zip supports at most {_MAX_MODELS} models, got {n_models}.")
 
 
 def zip_budget(n: int, n_models: int, b: float) -> int:

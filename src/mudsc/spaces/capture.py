@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import fx, nn
 
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError, SpecError
 from mudsc.spaces.export import export_graph, regroup
 from mudsc.spaces.rules import Rules
 
@@ -55,10 +55,10 @@ def capture(
 ) -> tuple[fx.GraphModule, str]:
     """The graph of ``model`` by ``route``; returns it with the route taken."""
     if route not in ROUTES:
-        raise MudscError(f"unknown capture route {route!r}: use one of {', '.join(ROUTES)}")
+        raise ConfigError(f"unknown capture route {route!r}: use one of {', '.join(ROUTES)}")
     if exported:
         if route == "fx":
-            raise MudscError("an exported program has no Python code for torch.fx: use "
+            raise ConfigError("an exported program has no Python code for torch.fx: use "
                              "route='export' (or 'auto')")  # fmt: skip
         return regroup(model, model, rules), "export"
     if route == "export":
@@ -67,14 +67,14 @@ def capture(
         gm = symbolic_trace(model, rules)
     except _FxFailure as failure:
         if route == "fx":
-            raise MudscError(f"{failure}.  {_FX_FIX}  {HAND_SPEC}") from failure.__cause__
+            raise SpecError(f"{failure}.  {_FX_FIX}  {HAND_SPEC}") from failure.__cause__
         return _export(model, inputs, rules, fx_failure=str(failure)), "export"
     opaque = [] if route == "fx" else opaque_modules(model, gm, rules)
     if not opaque:
         return gm, "fx"
     try:
         gm = _export(model, inputs, rules, fx_failure=None)
-    except MudscError as exc:
+    except SpecError as exc:
         log.info("torch.export cannot see through %s either: %s", ", ".join(opaque), exc)
         return symbolic_trace(model, rules), "fx"
     log.info("traced by torch.export: torch.fx has no rule for %s", ", ".join(opaque))
@@ -131,7 +131,7 @@ def symbolic_trace(model: nn.Module, rules: Rules) -> fx.GraphModule:
         where = tracer.failed_in or f"'<root>' ({type(model).__name__})"
         raise _FxFailure(
             f"torch.fx cannot trace {type(model).__name__}: {type(exc).__name__}: "
-            f"{_first_line(exc)} (in module {where})"
+            f"{first_line(exc)} (in module {where})"
         ) from exc
     return fx.GraphModule(model, graph)
 
@@ -143,12 +143,13 @@ def _export(
         exported = export_graph(model, inputs)
     except Exception as exc:
         reason = f"torch.export cannot trace {type(model).__name__}: {type(exc).__name__}: "
-        reason += _first_line(exc)
+        reason += first_line(exc)
         both = f"{fx_failure}; {reason}" if fx_failure else reason
-        raise MudscError(f"{both}.  {_FX_FIX}  {HAND_SPEC}") from exc
+        raise SpecError(f"{both}.  {_FX_FIX}  {HAND_SPEC}") from exc
     return regroup(model, exported, rules)
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message: errors stay one line."""
     text = str(exc).strip().splitlines()
     return text[0] if text else "(no message)"

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from types import UnionType
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import torch
 
-from mudsc.errors import MudscError
+from mudsc.errors import SpecError
 
 Role = Literal["producer", "consumer", "ignored"]
 
@@ -116,7 +117,7 @@ class MergeSpec:
         for s in self.spaces:
             if s.name == name:
                 return s
-        raise MudscError(f"no space named {name!r}; spaces: {[s.name for s in self.spaces]}")
+        raise SpecError(f"no space named {name!r}; spaces: {[s.name for s in self.spaces]}")
 
     @property
     def mergeable(self) -> tuple[Space, ...]:
@@ -148,41 +149,38 @@ class MergeSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> MergeSpec:
-        try:
-            spaces = tuple(
-                Space(
-                    name=s["name"],
-                    size=int(s["size"]),
-                    groups=int(s.get("groups", 1)),
-                    producers=tuple(Member(**m) for m in s.get("producers", ())),
-                    consumers=tuple(Member(**m) for m in s.get("consumers", ())),
-                    ignored=tuple(Member(**m) for m in s.get("ignored", ())),
-                    taps=tuple(Tap(**t) for t in s.get("taps", ())),
-                    fixed=bool(s.get("fixed", False)),
-                    block_tie=s.get("block_tie"),
-                )
-                for s in data["spaces"]
+        """The spec of ``to_dict``'s layout; every field is checked for its name, type and
+        range, and a bad one is refused naming it (``spaces[2].producers[0].axis``)."""
+        if not isinstance(data, Mapping):
+            raise SpecError(
+                f"merge spec: expected an object {{'spaces': [...]}} as written by "
+                f"`mudsc spec --json`, got {_kind(data)}"
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MudscError(
-                f"malformed merge spec ({exc!r}); expected {{'spaces': [{{'name', 'size', "
-                "'groups', 'producers', 'consumers', 'taps', ...}}]}} as written by "
-                "`mudsc spec --json`"
-            ) from exc
-        for s in spaces:
-            if s.size <= 0 or s.groups <= 0 or s.size % s.groups:
-                raise MudscError(
-                    f"space {s.name!r}: size {s.size} must be a positive multiple of "
-                    f"groups {s.groups}"
-                )
-        return cls(spaces=spaces, warnings=tuple(data.get("warnings", ())))
+        unknown = sorted(str(k) for k in data if k not in ("spaces", "warnings"))
+        if unknown:
+            raise SpecError(f"merge spec: unknown field(s) {unknown}; known: spaces, warnings")
+        if "spaces" not in data:
+            raise SpecError("merge spec: the field 'spaces' is missing (a list of spaces)")
+        spaces = _typed(data["spaces"], tuple[Space, ...], "spaces")
+        warnings = _typed(data.get("warnings", []), tuple[str, ...], "warnings")
+        names = [s.name for s in spaces]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise SpecError(f"merge spec: space names must be unique, repeated: {repeated}")
+        return cls(spaces=spaces, warnings=warnings)
 
     @classmethod
-    def from_json(cls, text: str) -> MergeSpec:
+    def from_json(cls, text: str | bytes) -> MergeSpec:
+        """The spec of ``to_json``'s text (read a file first: ``Path(p).read_text()``)."""
+        if not isinstance(text, str | bytes | bytearray):
+            raise SpecError(
+                f"MergeSpec.from_json takes the JSON text, got {_kind(text)}; read the file "
+                "first (Path(path).read_text())"
+            )
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise MudscError(f"merge spec is not valid JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, bad UTF-8, deep nesting
+            raise SpecError(f"merge spec is not valid JSON: {exc}") from exc
         return cls.from_dict(data)
 
     # -- checks and display -----------------------------------------------------------
@@ -197,13 +195,16 @@ class MergeSpec:
             for role, m in s.members():
                 where = f"space {s.name!r} ({role} {m.tensor}, axis {m.axis})"
                 if m.tensor not in state:
-                    raise MudscError(f"{where}: the model has no tensor {m.tensor!r}")
+                    raise SpecError(
+                        f"{where}: the model has no tensor {m.tensor!r}; the spec was made "
+                        "for another model (trace this one with mudsc.trace)"
+                    )
                 t = state[m.tensor]
                 if not -t.dim() <= m.axis < t.dim():
-                    raise MudscError(f"{where}: tensor has only {t.dim()} axes")
+                    raise SpecError(f"{where}: tensor has only {t.dim()} axes")
                 units = s.group_size if m.per_group else s.size
                 if m.stop(units) > t.shape[m.axis]:
-                    raise MudscError(
+                    raise SpecError(
                         f"{where}: needs positions {m.start}..{m.stop(units) - 1} "
                         f"but the axis has length {t.shape[m.axis]}"
                     )
@@ -245,3 +246,66 @@ def _modules(items: Iterable[Member] | Iterable[Tap], full: bool, taps: bool = F
     if full or len(names) <= 3:
         return ", ".join(names)
     return ", ".join(names[:3]) + f" +{len(names) - 3} more"
+
+
+# -- parsing the JSON layout ----------------------------------------------------------
+
+_RECORDS = (Member, Tap, Space)
+# Fields that count or index positions: the least value each may take.
+_AT_LEAST = {"size": 1, "groups": 1, "start": 0, "inner": 1, "arg": 0, "project_start": 0}
+
+
+def _kind(value: object) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _typed(value: object, hint: object, where: str) -> object:
+    """``value`` checked against the type ``hint`` of a spec field (records recursively)."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is tuple:  # tuple[X, ...] is a JSON list of X
+        if not isinstance(value, list | tuple):
+            raise SpecError(f"merge spec: {where} must be a list, got {_kind(value)}")
+        return tuple(_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is Literal:
+        if value not in args:
+            raise SpecError(f"merge spec: {where} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is UnionType:  # X | None
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint in _RECORDS:
+        return _record(hint, value, where)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        name = getattr(hint, "__name__", str(hint))
+        raise SpecError(f"merge spec: {where} must be of type {name}, got {value!r}")
+    return value
+
+
+def _record(cls: type, data: object, where: str) -> object:
+    """One Member, Tap or Space from its JSON object: known fields, typed, in range."""
+    if not isinstance(data, Mapping):
+        raise SpecError(f"merge spec: {where} must be an object, got {_kind(data)}")
+    hints = get_type_hints(cls)
+    unknown = sorted(str(k) for k in data if k not in hints)
+    if unknown:
+        raise SpecError(
+            f"merge spec: {where} has unknown field(s) {unknown}; known: {', '.join(hints)}"
+        )
+    values = {}
+    for f in fields(cls):
+        if f.name not in data:
+            if f.default is MISSING:
+                raise SpecError(f"merge spec: {where} lacks the field {f.name!r}")
+            continue
+        value = _typed(data[f.name], hints[f.name], f"{where}.{f.name}")
+        least = _AT_LEAST.get(f.name)
+        if least is not None and value < least:
+            raise SpecError(f"merge spec: {where}.{f.name} must be >= {least}, got {value}")
+        values[f.name] = value
+    record = cls(**values)
+    if isinstance(record, Space) and record.size % record.groups:
+        raise SpecError(
+            f"merge spec: {where}: size {record.size} must be a multiple of groups {record.groups}"
+        )
+    return record

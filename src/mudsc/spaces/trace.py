@@ -24,11 +24,11 @@ import torch
 from torch import fx, nn
 
 import mudsc.spaces.functions  # noqa: F401  (registers the built-in function rules)
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError, DataError, SpecError
 from mudsc.modes import eval_mode
 from mudsc.spaces.atoms import Atoms, Layout
 from mudsc.spaces.build import Key, Place, build, places
-from mudsc.spaces.capture import Route, as_module, capture
+from mudsc.spaces.capture import Route, as_module, capture, first_line
 from mudsc.spaces.context import (
     Ctx,
     MemberRec,
@@ -105,9 +105,15 @@ def trace_model(
     :mod:`mudsc.spaces.capture`).  A ``torch.export`` program (or its ``.module()``) is
     read by the export route.
     """
+    if not isinstance(model, nn.Module | torch.export.ExportedProgram):
+        raise ConfigError(
+            f"tracing needs a torch.nn.Module (or a torch.export program), got "
+            f"{type(model).__name__}"
+        )
     register_library_layers()
     rules = RULES if rules is None else rules.over(RULES)
     inputs = example_input if isinstance(example_input, tuple | list) else (example_input,)
+    _check_finite(inputs)
     model, exported = as_module(model)
     gm, taken = capture(model, tuple(inputs), rules, route, exported)
     metas = _shapes(gm, model, inputs)
@@ -121,6 +127,18 @@ def trace_model(
         spec, gm, metas, analysis.values, keys, analysis.atoms,
         tuple(model.state_dict().keys()), type(model).__name__, taken,
     )  # fmt: skip
+
+
+def _check_finite(inputs: Any) -> None:
+    """Refuse NaN/inf in the example: the shapes would trace, but the numeric check of the
+    spec and every statistic on it would be meaningless."""
+    for i, x in enumerate(inputs):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and not x.is_meta:
+            if not bool(torch.isfinite(x).all()):
+                raise DataError(
+                    f"example input {i} (in a merge: the first calibration batch) has NaN or "
+                    "infinite values; pass real inputs"
+                )
 
 
 def trace(
@@ -179,8 +197,9 @@ def _shapes(gm: fx.GraphModule, model: nn.Module, inputs: tuple) -> dict[fx.Node
     except Exception as exc:
         node = recorder.failed
         where = f" at '{_scope(node) or node.name}'" if node is not None else ""
-        raise MudscError(
-            f"running {type(model).__name__} on the example input failed{where}: {exc!s}.  "
+        raise SpecError(
+            f"running {type(model).__name__} on the example input failed{where}: "
+            f"{first_line(exc)}.  "
             f"Pass an example input the model accepts (a small batch of the real input shape)."
         ) from exc
     return recorder.meta
