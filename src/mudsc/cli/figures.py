@@ -26,6 +26,7 @@ from mudsc.cli.common import (
     resolve_device,
 )
 from mudsc.errors import CheckpointError, ConfigError
+from mudsc.figure_limits import MAX_RESOLUTION, MAX_STEPS
 from mudsc.inputs import existing_directory
 from mudsc.methods import METHODS
 
@@ -34,10 +35,6 @@ if TYPE_CHECKING:
 
 # The methods the figures compare unless told otherwise (the first one sets the frame).
 DEFAULT_METHODS = ("zipit", "wzip", "mudsc-zip")
-# Most grid points per landscape axis: each costs a full evaluation, and the grid is square.
-RESOLUTION_CAP = 50
-# Most points on an interpolation path (each is a full evaluation of every variant).
-STEPS_CAP = 201
 
 
 @dataclass
@@ -113,7 +110,7 @@ def landscape_command(
         ",".join(DEFAULT_METHODS), help=f"{_METHODS_HELP} The first sets the frame."
     ),
     resolution: int = typer.Option(
-        9, min=2, max=RESOLUTION_CAP, help="Grid points per axis (cost grows as its square)."
+        9, min=2, max=MAX_RESOLUTION, help="Grid points per axis (cost grows as its square)."
     ),
     data_size: int = typer.Option(500, min=1, help="Test images the losses are computed on."),
     calibration_size: int = typer.Option(
@@ -243,7 +240,7 @@ def interpolate_command(
     b: Path = _B,
     method: str = typer.Option("mudsc-zip", help="Method whose merged basis aligns A and B."),
     steps: int = typer.Option(
-        11, min=2, max=STEPS_CAP, help="Points on the path, end points included."
+        11, min=2, max=MAX_STEPS, help="Points on the path, end points included."
     ),
     output: Path = typer.Option(Path("interpolate.png"), "--output", "-o", help="PNG to write."),
     data_size: int = typer.Option(500, min=1, help="Test images the losses are computed on."),

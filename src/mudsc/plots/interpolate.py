@@ -38,6 +38,7 @@ from mudsc.apply import transform_state
 from mudsc.data import ImageDataset
 from mudsc.errors import CheckpointError, ConfigError, DataError
 from mudsc.evaluate import embed
+from mudsc.figure_limits import MAX_STEPS
 from mudsc.merge import MergeConfig, MergeResult, merge_models
 from mudsc.methods import METHODS
 from mudsc.models.head import ClassEmbeddingHead
@@ -52,7 +53,6 @@ log = logging.getLogger(__name__)
 
 LOSS_SCALE = 100.0  # cosine-logit scale used in training (docs/ALGORITHM.md section 8)
 VARIANTS = ("naive", "aligned", "aligned + renorm")
-MAX_STEPS = 1001  # each step evaluates three models on the evaluation set
 RENORM_LABELS = {"bn": "BN reset", "repair": "REPAIR", "none": "no renormalisation"}
 
 

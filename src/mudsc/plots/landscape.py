@@ -64,11 +64,11 @@ from torch import Tensor, nn
 
 from mudsc.apply import apply_matches, transform_state
 from mudsc.errors import CheckpointError, ConfigError, DataError, SpecError
+from mudsc.figure_limits import MAX_RESOLUTION, MAX_STEPS
 from mudsc.inputs import regular_file
 from mudsc.merge import MergeConfig, MergeResult, merge_models
 from mudsc.modes import eval_mode
 from mudsc.plots.interpolate import (
-    MAX_STEPS,
     EvalSet,
     Renormaliser,
     check_count,
@@ -85,7 +85,6 @@ from mudsc.spaces import MergeSpec
 
 log = logging.getLogger(__name__)
 ROLES = ("source A", "source B", "merged")
-MAX_RESOLUTION = 201  # 40401 evaluations of the model: hours on a CPU
 
 
 # -- pure geometry ------------------------------------------------------------------------
