@@ -49,7 +49,9 @@ def deferred_interrupts() -> Iterator[None]:
         yield
         return
     pending: list[int] = []
-    previous = {sig: signal.signal(sig, lambda s, f: pending.append(s)) for sig in _DEFERRED}
+    # A handler installed outside Python reads as None and could not be put back: keep it.
+    ours = [sig for sig in _DEFERRED if signal.getsignal(sig) is not None]
+    previous = {sig: signal.signal(sig, lambda s, f: pending.append(s)) for sig in ours}
     try:
         yield
     finally:
