@@ -13,7 +13,7 @@ import mudsc.atomic as atomic_module
 import mudsc.checkpoint as ckpt
 from mudsc.atomic import atomic_directory, atomic_write_text, refuse_existing
 from mudsc.checkpoint import CONFIG_FILE, HEAD_FILE, MODEL_FILE, load_checkpoint, save_checkpoint
-from mudsc.errors import MudscError
+from mudsc.errors import MudscError, ResourceError
 from mudsc.models import ClassEmbeddingHead, create
 
 PROVENANCE = {"kind": "train", "dataset": "fashion-mnist", "tasks": [[0, 2, 4]], "seed": 3}
@@ -126,6 +126,9 @@ def test_missing_weights_or_bad_head_is_reported(tmp_path: Path) -> None:
     run = tmp_path / "run"
     save_checkpoint(run, tiny_mlp(), PROVENANCE, ClassEmbeddingHead.orthonormal(6, 8))
     save_file({"other": torch.zeros(6, 8)}, str(run / HEAD_FILE))
+    config = json.loads((run / CONFIG_FILE).read_text())
+    del config["sha256"]  # as an older checkpoint (no digests) would be
+    (run / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(MudscError, match="embeddings"):
         load_checkpoint(run)
     (run / MODEL_FILE).unlink()
@@ -149,27 +152,28 @@ def test_weights_of_another_architecture_are_refused(tmp_path: Path) -> None:
 
 def test_failure_inside_the_write_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
     written: list[str] = []
-    real_save = ckpt.save_file
+    real_save = ckpt.write_safetensors
 
-    def failing_save(tensors, filename, *args, **kwargs):
-        real_save(tensors, filename, *args, **kwargs)  # a file is already on disk
-        written.append(filename)
-        if filename.endswith(HEAD_FILE):
+    def failing_save(tensors, file):
+        digest = real_save(tensors, file)  # a file is already on disk
+        written.append(str(file))
+        if file.name == HEAD_FILE:
             raise OSError("disk full")
+        return digest
 
-    monkeypatch.setattr(ckpt, "save_file", failing_save)
+    monkeypatch.setattr(ckpt, "write_safetensors", failing_save)
     head = ClassEmbeddingHead.orthonormal(6, 8)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ResourceError, match="disk full"):  # one line, not an OSError
         save_checkpoint(tmp_path / "run", tiny_mlp(), PROVENANCE, head)
     assert len(written) == 2 and ".partial" in written[0]
     assert not (tmp_path / "run").exists()
     assert list(tmp_path.iterdir()) == []
 
     # A failed forced replacement keeps the previous checkpoint intact.
-    monkeypatch.setattr(ckpt, "save_file", real_save)
+    monkeypatch.setattr(ckpt, "write_safetensors", real_save)
     save_checkpoint(tmp_path / "run", tiny_mlp(0), PROVENANCE)
-    monkeypatch.setattr(ckpt, "save_file", failing_save)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(ckpt, "write_safetensors", failing_save)
+    with pytest.raises(ResourceError, match="unchanged"):
         save_checkpoint(tmp_path / "run", tiny_mlp(1), PROVENANCE, head, force=True)
     assert_same_state(tiny_mlp(0), load_checkpoint(tmp_path / "run").model)
     assert leftovers(tmp_path) == []
@@ -194,11 +198,11 @@ def test_atomic_write_text(tmp_path: Path, monkeypatch) -> None:
     atomic_write_text(target, "two")
     assert target.read_text() == "two"
 
-    def broken_replace(src, dst):
+    def broken_exchange(src, dst):
         raise OSError("rename failed")
 
-    monkeypatch.setattr(atomic_module.os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(atomic_module, "_exchange", broken_exchange)
+    with pytest.raises(ResourceError, match="rename failed"):
         atomic_write_text(target, "three")
     assert target.read_text() == "two"
     assert leftovers(target.parent) == []

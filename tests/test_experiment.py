@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,10 +94,12 @@ def test_resume_redoes_only_what_is_missing(
     shutil.rmtree(pair / "model-1")
     (pair / "merges" / "zipit.json").unlink()
     (pair / "merges" / "avg.json").write_text('{"key": {"config": ')  # torn, non-atomic write
-    leftover = pair / ".model-1.x1y2.partial"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    leftover = pair / f".model-1.mudsc-{dead}-x1y2.partial"  # a killed run's temporaries
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"half")
-    (pair / "merges" / ".wzip.json.abc.partial").write_text("{")
+    (pair / "merges" / f".wzip.json.mudsc-{dead}-abc.partial").write_text("{")
     trained, merged = [], []
     real_train, real_merge = classification.train_source, runner.run_merge
 

@@ -1,12 +1,17 @@
 """Checkpoint directories: ``model.safetensors`` + ``head.safetensors`` + ``config.json``.
 
-Writes are atomic (a temporary sibling directory renamed into place) so an interrupted run
-never leaves something that looks finished, and an existing output is never replaced
-unless the caller says ``force``.
+Writes are atomic (:mod:`mudsc.atomic`: a temporary sibling renamed into place) so an
+interrupted run never leaves something that looks finished.  ``config.json`` records the
+SHA-256 of every tensor file, checked on load, so a damaged file is reported
+(:class:`~mudsc.errors.CorruptCheckpointError`) instead of evaluated; anything else that
+makes a checkpoint unusable (missing, not mudsc's, another architecture) is a
+:class:`~mudsc.errors.CheckpointError`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import pickle
 from collections.abc import Mapping
@@ -16,11 +21,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from mudsc import __version__
 from mudsc.atomic import atomic_directory
-from mudsc.errors import MudscError
+from mudsc.errors import CheckpointError, CorruptCheckpointError, MudscError
+from mudsc.inputs import regular_file
 from mudsc.models import create
 from mudsc.models.head import ClassEmbeddingHead
 from mudsc.partial import PartialMerge
@@ -28,6 +34,8 @@ from mudsc.partial import PartialMerge
 MODEL_FILE = "model.safetensors"
 HEAD_FILE = "head.safetensors"
 CONFIG_FILE = "config.json"
+HASHES = "sha256"  # config.json: {file name: SHA-256 hex digest of its bytes}
+_REMAKE = "re-create it (mudsc train / mudsc merge) or copy it again"
 
 
 @dataclass
@@ -49,6 +57,15 @@ class Checkpoint:
         return self.config.get("dataset")
 
 
+def write_safetensors(tensors: Mapping[str, torch.Tensor], file: Path) -> str:
+    """Write ``tensors`` in the safetensors format; returns the SHA-256 of the bytes written
+    (hashed in memory, so the digest is of exactly what was meant to be on disk)."""
+    data = save(dict(tensors))
+    with open(file, "wb") as f:
+        f.write(data)
+    return hashlib.sha256(data).hexdigest()
+
+
 def save_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
@@ -59,7 +76,7 @@ def save_checkpoint(
     """Save ``model`` (which must carry ``arch`` and ``config``) with ``config`` as provenance."""
     arch = config.get("arch", getattr(model, "arch", None))
     if arch is None:
-        raise MudscError("only zoo models (mudsc.models.create) can be saved as checkpoints")
+        raise CheckpointError("only zoo models (mudsc.models.create) can be saved as checkpoints")
     full = {
         "mudsc_version": __version__,
         "arch": arch,
@@ -75,36 +92,129 @@ def save_checkpoint(
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
     def write(tmp: Path) -> None:
-        save_file(state, str(tmp / MODEL_FILE))
+        hashes = {MODEL_FILE: write_safetensors(state, tmp / MODEL_FILE)}
         if head is not None:
-            save_file(
-                {"embeddings": head.embeddings.detach().cpu().contiguous()}, str(tmp / HEAD_FILE)
-            )
-        (tmp / CONFIG_FILE).write_text(json.dumps(full, indent=2, sort_keys=False))
+            embeddings = {"embeddings": head.embeddings.detach().cpu().contiguous()}
+            hashes[HEAD_FILE] = write_safetensors(embeddings, tmp / HEAD_FILE)
+        record = {**full, HASHES: hashes}
+        (tmp / CONFIG_FILE).write_text(json.dumps(record, indent=2, sort_keys=False))
 
     return atomic_directory(path, force, write)
 
 
-def _read_state(file: Path) -> dict[str, torch.Tensor]:
+def _file_bytes(file: Path, what: str) -> bytes:
+    regular_file(file, what, CheckpointError)  # a FIFO or a device would block or stream
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {file}: {exc.strerror}") from None
+
+
+def read_state(file: Path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of ``file``, checked against its recorded digest when there is one."""
+    data = _file_bytes(file, "weights file")
     try:
         if file.suffix == ".safetensors":
-            return load_file(str(file))
-        state = torch.load(file, map_location="cpu", weights_only=True)
+            state: Any = load(data)
+        else:
+            state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (
-        SafetensorError, OSError, RuntimeError, ValueError, EOFError, KeyError,
+        SafetensorError, OSError, RuntimeError, ValueError, EOFError, KeyError, OverflowError,
         pickle.UnpicklingError,
     ) as exc:  # fmt: skip
-        raise MudscError(
-            f"cannot read {file}: the file is truncated or corrupt ({exc}); "
-            "re-create it (mudsc train / mudsc merge) or copy it again"
+        raise CorruptCheckpointError(
+            f"cannot read {file}: the file is truncated or corrupt ({exc}); {_REMAKE}"
         ) from exc
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise CorruptCheckpointError(
+            f"{file} is damaged: its bytes differ from the SHA-256 recorded in {CONFIG_FILE}; "
+            f"{_REMAKE}"
+        )
     if isinstance(state, Mapping) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, Mapping) or not all(
         isinstance(v, torch.Tensor) for v in state.values()
     ):
-        raise MudscError(f"{file} does not hold a state dict of tensors")
+        raise CheckpointError(f"{file} does not hold a state dict of tensors")
     return dict(state)
+
+
+def _read_config(file: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(_file_bytes(file, "checkpoint config"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(
+            f"{file} is corrupt or incomplete ({exc}); {_REMAKE}"
+        ) from None
+    if not isinstance(config, dict) or "arch" not in config:
+        raise CheckpointError(f"{file} is incomplete: it names no architecture ('arch'), so "
+                              f"{file.parent} is not a mudsc checkpoint")  # fmt: skip
+    if not isinstance(config.get("arch_args", {}), Mapping):
+        raise CheckpointError(f"{file}: 'arch_args' must be a mapping of arguments")
+    hashes = config.get(HASHES, {})
+    if not (isinstance(hashes, Mapping) and all(isinstance(v, str) for v in hashes.values())):
+        raise CorruptCheckpointError(f"{file}: '{HASHES}' is not a mapping of file digests; "
+                                     f"{_REMAKE}")  # fmt: skip
+    return config
+
+
+def _read_directory(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
+    """config.json, the model's tensors and the class head (or None) of a checkpoint folder."""
+    config_file = path / CONFIG_FILE
+    if not (config_file.exists() or config_file.is_symlink()):
+        raise CheckpointError(f"{path} is not a mudsc checkpoint: it has no {CONFIG_FILE}")
+    config = _read_config(config_file)
+    hashes = config.get(HASHES, {})
+    for name in {MODEL_FILE, *hashes}:
+        if not ((path / name).exists() or (path / name).is_symlink()):
+            raise CorruptCheckpointError(f"{path} has no {name}: the checkpoint is incomplete; "
+                                         f"{_REMAKE}")  # fmt: skip
+    state = read_state(path / MODEL_FILE, hashes.get(MODEL_FILE))
+    head = None
+    if (path / HEAD_FILE).exists():
+        emb = read_state(path / HEAD_FILE, hashes.get(HEAD_FILE)).get("embeddings")
+        if emb is None:
+            raise CorruptCheckpointError(f"{path / HEAD_FILE} has no 'embeddings' tensor")
+        head = ClassEmbeddingHead(emb, config=config.get("head"))
+    return config, state, head
+
+
+def _misfit(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """The first tensor of ``state`` that does not fit ``model``: missing, extra or reshaped."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    if missing:
+        return f"tensor {missing[0]!r} is missing"
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        return f"tensor {unexpected[0]!r} is not part of the architecture"
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            return (f"tensor {key!r} has shape {tuple(state[key].shape)}, the architecture "
+                    f"needs {tuple(tensor.shape)}")  # fmt: skip
+    return None
+
+
+def _build(
+    path: Path, config: Mapping[str, Any], state: dict[str, torch.Tensor]
+) -> torch.nn.Module:
+    """The zoo model ``config`` describes, holding ``state``; one line when they differ."""
+    arch, args = config["arch"], dict(config.get("arch_args", {}))
+    try:
+        model = create(arch, **args)
+    except (MudscError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot build architecture {arch!r} with arguments "
+                              f"{args}: {exc}") from None  # fmt: skip
+    problem = _misfit(model, state)
+    try:
+        if problem is None:
+            model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        problem = str(exc).splitlines()[0]
+    if problem is not None:
+        raise CheckpointError(f"the weights in {path} do not fit architecture {arch!r} with "
+                              f"arguments {args}: {problem}")  # fmt: skip
+    return model
 
 
 def load_checkpoint(
@@ -115,49 +225,21 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Load a checkpoint directory, or a plain state-dict file given the architecture."""
     path = Path(path)
-    if not path.exists():
-        raise MudscError(f"checkpoint {path} does not exist")
-    if path.is_file():
+    if path.is_dir():
+        config, state, head = _read_directory(path)
+    else:
+        regular_file(path, "checkpoint", CheckpointError)
         if arch is None:
-            raise MudscError(
+            raise CheckpointError(
                 f"{path} is a plain weights file; name its architecture with --arch "
                 "(and its arguments with --arch-args)"
             )
-        config: dict[str, Any] = {"arch": arch, "arch_args": dict(arch_args or {})}
-        state = _read_state(path)
-        head = None
-    else:
-        config_file = path / CONFIG_FILE
-        if not config_file.exists():
-            raise MudscError(f"{path} is not a mudsc checkpoint: it has no {CONFIG_FILE}")
-        try:
-            config = json.loads(config_file.read_text())
-            config["arch"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise MudscError(f"{config_file} is corrupt or incomplete ({exc!r})") from exc
-        if not (path / MODEL_FILE).exists():
-            raise MudscError(f"{path} has no {MODEL_FILE}: the checkpoint is incomplete")
-        state = _read_state(path / MODEL_FILE)
-        head = None
-        if (path / HEAD_FILE).exists():
-            emb = _read_state(path / HEAD_FILE).get("embeddings")
-            if emb is None:
-                raise MudscError(f"{path / HEAD_FILE} has no 'embeddings' tensor")
-            head = ClassEmbeddingHead(emb, config=config.get("head"))
+        config = {"arch": arch, "arch_args": dict(arch_args or {})}
+        state, head = read_state(path), None
     if "partial" in config:
-        model = _load_partial(config, state)
-        model.to(device).eval()
-        if head is not None:
-            head.to(device)
-        return Checkpoint(model=model, head=head, config=config, path=path)
-    model = create(config["arch"], **config.get("arch_args", {}))
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise MudscError(
-            f"the weights in {path} do not fit architecture {config['arch']!r} "
-            f"with arguments {config.get('arch_args', {})}: {str(exc).splitlines()[0]}"
-        ) from exc
+        model: torch.nn.Module = _load_partial(config, state)
+    else:
+        model = _build(path, config, state)
     model.to(device).eval()
     if head is not None:
         head.to(device)

@@ -7,7 +7,6 @@ the joint and per-task protocol through the shared frozen class embeddings.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +17,7 @@ from torch import nn
 
 from mudsc.checkpoint import load_checkpoint, save_checkpoint
 from mudsc.data import ImageDataset, draw_calibration, parse_split, split_classes
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError
 from mudsc.evaluate import Report, embed, evaluate_embeddings
 from mudsc.experiments.classification_report import classification_report
 from mudsc.experiments.config import ExperimentConfig
@@ -31,8 +30,6 @@ from mudsc.methods import METHODS
 from mudsc.models.head import ClassEmbeddingHead
 from mudsc.progress import Progress
 from mudsc.train import train, train_config_dict
-
-log = logging.getLogger(__name__)
 
 MERGE_ROW_KEYS = ("joint", "per_task", "avg", "alpha", "alpha_scores", "seconds")
 
@@ -136,7 +133,7 @@ class ClassificationPool:
         """Everything that depends on the data, checked before any training."""
         cfg, data = self.cfg, self.data
         if cfg.embed_dim < data.num_classes:
-            raise MudscError(
+            raise ConfigError(
                 f"config key 'embed_dim' ({cfg.embed_dim}) must be >= the {data.num_classes} "
                 f"classes of {cfg.dataset} (one orthonormal embedding per class)"
             )
@@ -145,12 +142,12 @@ class ClassificationPool:
             union = [c for t in split for c in t]
             available = int(torch.isin(data.train_labels, torch.tensor(union)).sum())
             if cfg.calibration.size > available:
-                raise MudscError(
+                raise ConfigError(
                     f"config key 'calibration.size' ({cfg.calibration.size}) exceeds the "
                     f"{available} training images of pair {k}'s classes; lower it"
                 )
             if int(cfg.calibration.size * cfg.calibration.holdout) < len(split):
-                raise MudscError(
+                raise ConfigError(
                     "config keys 'calibration.size' x 'calibration.holdout' leave fewer "
                     f"held-out images than tasks ({len(split)}); raise either"
                 )
@@ -176,12 +173,8 @@ class ClassificationPool:
         cfg, device = self.cfg, self.device
         key = self._train_key(classes, seed)
 
-        def load(where: Path) -> tuple[Any, tuple[nn.Module, Any]] | None:
-            try:
-                ck = load_checkpoint(where, device)
-            except MudscError as exc:
-                log.warning("%s is not a complete checkpoint (%s); retraining", where, exc)
-                return None
+        def load(where: Path) -> tuple[Any, tuple[nn.Module, Any]]:
+            ck = load_checkpoint(where, device)  # damaged: the runner retrains; else it stops
             return ck.config.get("experiment_key"), (ck.model, ck.config.get("seconds"))
 
         def make() -> tuple[nn.Module, Any]:

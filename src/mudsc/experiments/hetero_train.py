@@ -8,29 +8,25 @@ every training image, with the task's own inputs, targets and loss.
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mudsc.atomic import atomic_directory
-from mudsc.checkpoint import load_checkpoint, save_checkpoint
+from mudsc.checkpoint import load_checkpoint, read_state, save_checkpoint, write_safetensors
 from mudsc.data import ImageDataset, augment
-from mudsc.errors import MudscError
+from mudsc.errors import CheckpointError, CorruptCheckpointError
 from mudsc.experiments.config import ExperimentConfig
 from mudsc.experiments.hetero_tasks import make_decoder, task_batch, task_loss
 from mudsc.experiments.pool import SourceJob
 from mudsc.experiments.records import make_key
 from mudsc.experiments.sources import build_model
+from mudsc.inputs import regular_file
 from mudsc.progress import Progress
 from mudsc.train import fit, sgd, train_config_dict
-
-log = logging.getLogger(__name__)
 
 DECODER_FILE = "decoder.safetensors"
 RECORD_FILE = "task.json"
@@ -90,20 +86,22 @@ def task_job(
     label = f"train {task} encoder"
 
     def load(where: Path) -> tuple[Any, TaskModels] | None:
+        record_file = where / RECORD_FILE
+        regular_file(record_file, "task record", CorruptCheckpointError)
         try:
-            record = json.loads((where / RECORD_FILE).read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            log.warning("%s has no readable %s; retraining", where, RECORD_FILE)
-            return None
+            record = json.loads(record_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise CorruptCheckpointError(f"{record_file} is unreadable ({exc})") from None
         if not isinstance(record, dict) or record.get("complete") is not True:
             return None
+        encoder = load_checkpoint(where / "encoder", device).model
+        decoder = make_decoder(task, cfg.embed_dim, data)
+        state = read_state(where / DECODER_FILE, record.get("sha256"))
         try:
-            encoder = load_checkpoint(where / "encoder", device).model
-            decoder = make_decoder(task, cfg.embed_dim, data)
-            decoder.load_state_dict(load_file(str(where / DECODER_FILE)))
-        except (MudscError, OSError, RuntimeError, SafetensorError) as exc:
-            log.warning("%s is not a complete task model (%s); retraining", where, exc)
-            return None
+            decoder.load_state_dict(state)
+        except RuntimeError as exc:
+            raise CheckpointError(f"the decoder in {where} does not fit task {task!r}: "
+                                  f"{str(exc).splitlines()[0]}") from None  # fmt: skip
         return record.get("key"), (encoder.eval(), decoder.to(device).eval())
 
     def make() -> TaskModels:
@@ -113,8 +111,8 @@ def task_job(
         def write(tmp: Path) -> None:
             save_checkpoint(tmp / "encoder", encoder, {"kind": "hetero-encoder", "task": task,
                                                        "dataset": cfg.dataset})  # fmt: skip
-            save_file(state, str(tmp / DECODER_FILE))
-            record = {"key": key, "task": task, **info, "complete": True}
+            digest = write_safetensors(state, tmp / DECODER_FILE)
+            record = {"key": key, "task": task, **info, "sha256": digest, "complete": True}
             (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2))
 
         atomic_directory(path, True, write)

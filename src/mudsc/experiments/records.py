@@ -1,10 +1,11 @@
 """Resumable records: every finished unit of work is one atomic artefact carrying a key.
 
-A unit is reused only when it loads completely and its key matches; ``.partial``
-leftovers of an interrupted write are deleted, never read.  A key records the
-configuration (a mismatch means the output folder belongs to another configuration:
-refuse without ``force``) and the hashes of the inputs (a mismatch means a source was
-re-made: redo silently).
+A unit is reused only when it loads completely and its key matches; the temporaries of
+an interrupted write are deleted (:func:`mudsc.atomic.remove_leftovers_below`), never
+read.  A key records the configuration (a mismatch means the output folder belongs to
+another configuration: refuse without ``force``) and the hashes of the inputs (a
+mismatch means a source was re-made: redo silently).  The folder itself carries the
+experiment's key in its marker file, checked before anything is written into it.
 """
 
 from __future__ import annotations
@@ -12,34 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mudsc.atomic import atomic_write_text
-from mudsc.errors import MudscError
+from mudsc.atomic import EXPERIMENT_MARKER, atomic_write_text
+from mudsc.errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-PARTIAL = ".partial"
-
-
-def clean_partials(root: Path) -> list[Path]:
-    """Delete the ``.*.partial`` leftovers of interrupted atomic writes below ``root``."""
-    removed: list[Path] = []
-    if not root.is_dir():
-        return removed
-    for path in sorted(root.rglob(f".*{PARTIAL}"), reverse=True):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
-        log.info("removed unfinished %s", path)
-    return removed
 
 
 def state_hash(model: nn.Module) -> str:
@@ -77,7 +60,7 @@ def check_key(path: Path, found: Any, expected: dict[str, Any], force: bool) -> 
         for k in set(expected["config"]) | set(found_config)
         if found_config.get(k) != expected["config"].get(k)
     )
-    raise MudscError(
+    raise ConfigError(
         f"{path} was made by a different configuration (differs in: "
         f"{', '.join(differing) or 'everything'}); use another output folder (-o) or pass "
         "--force to redo it"
@@ -104,3 +87,36 @@ def write_record(path: Path, key: dict[str, Any], payload: dict[str, Any]) -> di
     record = {"key": key, **jsonable(payload), "complete": True}
     atomic_write_text(path, json.dumps(record, indent=2))
     return record
+
+
+def _marker_key(out: Path) -> Any:
+    """The key in the folder's marker file (None when it is unreadable)."""
+    try:
+        marker = json.loads((out / EXPERIMENT_MARKER).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return marker.get("key") if isinstance(marker, dict) else None
+
+
+def claim_folder(out: Path, key: dict[str, Any], force: bool) -> None:
+    """Refuse ``out`` unless it is absent, empty or this experiment's own folder (its
+    marker holds ``key``; another experiment's folder needs ``force``).  Reads only."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise ConfigError(f"output folder {out} exists and is not a folder; choose another "
+                          "output_dir (-o)")  # fmt: skip
+    if not any(out.iterdir()):
+        return
+    if not (out / EXPERIMENT_MARKER).is_file():
+        raise ConfigError(
+            f"{out} exists and is not a mudsc experiment folder (no {EXPERIMENT_MARKER}); "
+            "mudsc writes only into folders it made, even with --force: choose another "
+            "output_dir (-o)"
+        )
+    check_key(out, _marker_key(out), key, force)
+
+
+def write_marker(out: Path, name: str, key: dict[str, Any]) -> None:
+    """Mark ``out`` as the experiment ``key``'s folder (what ``--force`` may replace)."""
+    atomic_write_text(out / EXPERIMENT_MARKER, json.dumps({"experiment": name, "key": key}))

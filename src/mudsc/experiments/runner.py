@@ -1,6 +1,7 @@
 """The paper's protocol end to end (docs/ALGORITHM.md section 8): make sources, merge, report.
 
-One runner for every kind of experiment: it cleans leftovers, copies the config, reuses
+One runner for every kind of experiment: it claims and locks the output folder (checked
+before anything is written), cleans killed runs' leftovers, copies the config, reuses
 or makes each source, merges every group with every method (each merge one resumable
 record), and writes results.{json,md,csv,png}.  What differs between kinds lives in a
 :class:`~mudsc.experiments.pool.TaskPool`; each kind is one :class:`PoolEntry` in
@@ -22,8 +23,9 @@ import torch
 import yaml
 from torch import Tensor, nn
 
-from mudsc.atomic import atomic_write_text
+from mudsc.atomic import atomic_write_text, probe_writable, remove_leftovers_below
 from mudsc.data import ImageDataset
+from mudsc.errors import CorruptCheckpointError, ResourceError
 from mudsc.experiments.classification import ClassificationPool
 from mudsc.experiments.config import (
     CLASSIFICATION_KEYS,
@@ -36,14 +38,16 @@ from mudsc.experiments.hetero import HeteroPool
 from mudsc.experiments.pool import MergeGroup, SourceJob, TaskPool
 from mudsc.experiments.records import (
     check_key,
-    clean_partials,
+    claim_folder,
     jsonable,
     make_key,
     read_record,
+    write_marker,
     write_record,
 )
 from mudsc.experiments.reports import machine_info, write_report
 from mudsc.experiments.sources import prepare_dataset
+from mudsc.locks import output_lock
 from mudsc.merge import MergeConfig, MergeResult, merge_models
 from mudsc.methods import METHODS
 from mudsc.progress import Progress, quiet
@@ -94,9 +98,17 @@ def check_experiment(cfg: ExperimentConfig) -> str:
 
 
 def ensure_source(job: SourceJob[Any], force: bool, progress: Progress) -> tuple[Any, bool]:
-    """Reuse the finished artefact of ``job`` when its key matches, else make it."""
+    """Reuse the finished artefact of ``job`` when its key matches, else make it.
+
+    Only a damaged artefact (:class:`CorruptCheckpointError`) is made again; any other load
+    error (another architecture, not mudsc's) stops the run instead of training over it.
+    """
     if job.path.exists() and not force:
-        found = job.load(job.path)
+        try:
+            found = job.load(job.path)
+        except CorruptCheckpointError as exc:
+            log.warning("%s is damaged (%s); making it again", job.path, exc)
+            found = None
         if found is not None and check_key(job.path, found[0], job.key, force):
             progress(job.label, 1, 1, "reused")
             return found[1], True
@@ -151,6 +163,16 @@ def run_merge(
     }
 
 
+def folder_key(cfg: ExperimentConfig) -> dict[str, Any]:
+    """What makes an output folder this experiment's own: the resolved config, less where
+    things live (output_dir, data_dir) and the method list (each method is its own record,
+    so adding one resumes the folder)."""
+    config = jsonable(cfg.to_dict())
+    for where in ("output_dir", "data_dir", "methods"):
+        config.pop(where, None)
+    return make_key(config)
+
+
 def write_config_copy(out: Path, cfg: ExperimentConfig) -> None:
     """config.yaml beside the results: the resolved config, defaults included."""
     text = yaml.safe_dump(jsonable(cfg.to_dict()), sort_keys=False)
@@ -190,32 +212,49 @@ class _Run:
         return {**group.entry, "rows": rows}
 
 
+def _make_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ResourceError(f"cannot create the output folder {out}: {exc.strerror}") from None
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     device: torch.device | str = "cpu",
     force: bool = False,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the experiment ``cfg`` describes; returns what results.json holds."""
+    """Run (or resume) the experiment ``cfg`` describes; returns what results.json holds.
+
+    Everything is checked (the folder, the config against the data, writability) before
+    the first byte is written; the folder stays locked for the whole run.
+    """
     step = progress or quiet
     started = time.perf_counter()
-    out = Path(cfg.output_dir)
+    out, key = Path(cfg.output_dir), folder_key(cfg)
+    claim_folder(out, key, force)
     pool = make_pool(cfg, device, step)
     pool.check()
-    clean_partials(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_config_copy(out, cfg)
-    run = _Run(cfg, device, force, step)
-    groups = [run.merge_group(g, pool.row_keys) for g in pool.groups(out, run.ensure, force)]
-    results = {
-        "name": cfg.name,
-        "kind": cfg.kind,
-        "config": jsonable(cfg.to_dict()),
-        "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine_info(device),
-        "wall_seconds": time.perf_counter() - started,
-        "work": run.work,
-        **pool.results(groups),
-    }
-    write_report(out, json.dumps(results, indent=2), pool.report(results))
+    probe_writable(out / "config.yaml")
+    _make_folder(out)
+    with output_lock(out):
+        claim_folder(out, key, force)  # again: another run may have claimed it meanwhile
+        for leftover in remove_leftovers_below(out):
+            log.info("removed the leftover %s of a killed run", leftover)
+        write_marker(out, cfg.name, key)
+        write_config_copy(out, cfg)
+        run = _Run(cfg, device, force, step)
+        groups = [run.merge_group(g, pool.row_keys) for g in pool.groups(out, run.ensure, force)]
+        results = {
+            "name": cfg.name,
+            "kind": cfg.kind,
+            "config": jsonable(cfg.to_dict()),
+            "created": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "machine": machine_info(device),
+            "wall_seconds": time.perf_counter() - started,
+            "work": run.work,
+            **pool.results(groups),
+        }
+        write_report(out, json.dumps(results, indent=2), pool.report(results))
     return results

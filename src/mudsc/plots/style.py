@@ -1,5 +1,9 @@
 """One look for every figure: a colour per method, a style per curve, atomic file writes.
 
+Every figure and data file carries mudsc's mark (:func:`mudsc.atomic.mark_png`,
+:func:`~mudsc.atomic.mark_npz`; a JSON data file belongs to the marked figure beside it),
+which is what lets ``--force`` replace them and nothing else.
+
 Every figure of ``mudsc.plots`` draws a method in the same colour, so a reader who has
 learned that MuDSC is red in the landscape finds it red in the diagnosis and the
 interpolation plots too.  Figures are built on matplotlib's Agg backend (no display) with
@@ -22,8 +26,14 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402  (a matplotlib dependency)
 
-from mudsc.atomic import atomic_write_bytes, atomic_write_text, refuse_existing  # noqa: E402
-from mudsc.errors import MudscError  # noqa: E402
+from mudsc.atomic import (  # noqa: E402
+    atomic_write_bytes,
+    atomic_write_text,
+    mark_npz,
+    mark_png,
+    refuse_existing,
+)
+from mudsc.errors import ConfigError  # noqa: E402
 
 # Fixed per method (colour-blind-safe Tol "bright"/"muted" hues): never reassigned by order.
 METHOD_COLORS: dict[str, str] = {
@@ -60,7 +70,7 @@ def method_color(method: str) -> str:
 def variant_style(variant: str, method: str) -> dict[str, Any]:
     """Line style of one interpolation curve (colour from the method where it applies)."""
     if variant not in VARIANT_STYLES:
-        raise MudscError(
+        raise ConfigError(
             f"unknown interpolation variant {variant!r}; known: {list(VARIANT_STYLES)}"
         )
     style = dict(VARIANT_STYLES[variant])
@@ -80,15 +90,16 @@ def refuse_existing_outputs(paths: Iterable[Path], force: bool) -> None:
         refuse_existing(path, force)
 
 
-def save_figure(fig: Figure, path: str | Path, palette: bool = True) -> Path:
+def save_figure(fig: Figure, path: str | Path, palette: bool = True, force: bool = True) -> Path:
     """Render ``fig`` as PNG into ``path`` through a temporary sibling and a rename.
 
+    ``force`` replaces a figure mudsc wrote; without it any existing file is refused.
     With ``palette`` the image is reduced to 256 colours (no dithering): these figures are
     flat fills, lines and text, so the file shrinks about threefold without visible change.
     """
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise MudscError(f"figures are written as PNG; name the output *.png, not {path.name!r}")
+        raise ConfigError(f"figures are written as PNG; name the output *.png, not {path.name!r}")
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=DPI)
     if palette:
@@ -96,23 +107,23 @@ def save_figure(fig: Figure, path: str | Path, palette: bool = True) -> Path:
         image = image.quantize(256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", optimize=True)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, mark_png(buffer.getvalue()), force)
     return path
 
 
-def save_npz(path: str | Path, arrays: Mapping[str, Any]) -> Path:
+def save_npz(path: str | Path, arrays: Mapping[str, Any], force: bool = True) -> Path:
     """Write arrays as a compressed .npz atomically (strings stored as unicode arrays)."""
     path = Path(path)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, mark_npz(buffer.getvalue()), force)
     return path
 
 
-def save_json(path: str | Path, data: Any) -> Path:
+def save_json(path: str | Path, data: Any, force: bool = True) -> Path:
     """Write JSON atomically; NaN is not JSON, so callers pass None for missing values."""
     path = Path(path)
-    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2, allow_nan=False) + "\n", force)
     return path
 
 
@@ -120,5 +131,5 @@ def data_path(png: str | Path, suffix: str) -> Path:
     """The data file written next to a figure: ``landscape.png`` -> ``landscape.npz``."""
     png = Path(png)
     if png.suffix.lower() != ".png":
-        raise MudscError(f"figures are written as PNG; name the output *.png, not {png.name!r}")
+        raise ConfigError(f"figures are written as PNG; name the output *.png, not {png.name!r}")
     return png.with_suffix(suffix)
