@@ -255,3 +255,23 @@ def test_cli_merge_of_a_model_with_itself_gives_the_model_back(
     with torch.no_grad():
         torch.testing.assert_close(merged(tokens).logits, tiny_bert(0)(tokens).logits,
                                    atol=1e-5, rtol=1e-5)  # fmt: skip
+
+
+def test_eval_refuses_a_hf_classifier_with_nan_weights(hf: dict[str, Path], tmp_path: Path) -> None:
+    model = tiny_bert(0)
+    with torch.no_grad():
+        model.classifier.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "broken")
+    _user_error(invoke("eval", tmp_path / "broken", "--data-file", hf["labelled"]),
+                "NaN or infinite values in 'classifier.weight'")  # fmt: skip
+
+
+def test_alpha_auto_on_too_few_labelled_examples_is_refused_before_merging(
+    hf: dict[str, Path], tmp_path: Path
+) -> None:
+    data = torch.load(hf["labelled"])
+    few = _write(tmp_path / "few.pt", data["inputs"][:8], data["labels"][:8])
+    out = tmp_path / "m"
+    _user_error(invoke("merge", hf["a"], hf["b"], "--calibration", few, "--alpha", "auto",
+                       "-o", out), "fewer than the")  # fmt: skip
+    assert not out.exists()

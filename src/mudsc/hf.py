@@ -21,6 +21,7 @@ from torch import nn
 
 from mudsc.atomic import MERGE_CARD, atomic_directory
 from mudsc.errors import CheckpointError, ConfigError, DataError, SpecError
+from mudsc.evaluate import check_finite_weights
 from mudsc.modes import eval_mode
 
 CONFIG_FILE = "config.json"
@@ -130,10 +131,14 @@ def accuracy(
     """Share of ``inputs`` whose ``argmax(logits)`` is the label (model in eval mode)."""
     if batch_size <= 0:
         raise ConfigError(f"batch size must be positive, got {batch_size}")
+    check_finite_weights(model)
     correct = 0
     with eval_mode(model):
         for start in range(0, len(inputs), batch_size):
             scores = logits(model(inputs[start : start + batch_size].to(device)))
+            if not torch.isfinite(scores).all():
+                raise CheckpointError("the model's logits hold NaN or infinite values; the "
+                                      "model is broken (check its weights and config)")  # fmt: skip
             if scores.dim() != 2:
                 raise SpecError(f"the model's logits have shape {tuple(scores.shape)}; "
                                 "scoring needs one row of class scores per example")  # fmt: skip

@@ -163,8 +163,8 @@ def _check_holdout(holdout: float) -> None:
 def _check_zip(zip_a: float, zip_b: float) -> None:
     if not _is_number(zip_b) or not 0 <= zip_b <= 1:
         raise ConfigError(f"zip_b (within-model budget share) must be in [0, 1], got {zip_b!r}")
-    if not _is_number(zip_a) or not -math.inf < zip_a <= 1:
-        raise ConfigError(f"zip_a (re-merge damping) must be a finite number <= 1, got {zip_a!r}")
+    if not _is_number(zip_a) or not 0 <= zip_a <= 1:  # a = 0 already forbids re-merges
+        raise ConfigError(f"zip_a (re-merge damping) must be in [0, 1], got {zip_a!r}")
 
 
 def _check_stop_at(stop_at: object) -> None:

@@ -61,7 +61,9 @@ def experiment_command(
     ),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
     force: bool = typer.Option(
-        False, "--force", help="Redo everything instead of reusing finished work."
+        False,
+        "--force",
+        help="Redo everything instead of reusing finished work (only in a folder mudsc made).",
     ),
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Validate the config against the dataset and stop."

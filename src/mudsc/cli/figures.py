@@ -123,7 +123,9 @@ def landscape_command(
     seed: int = typer.Option(0, min=0, help="Seed of the image samples."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
     as_json: bool = typer.Option(False, "--json", help="Print the marked points as JSON."),
-    force: bool = typer.Option(False, "--force", help="Replace existing outputs."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace outputs mudsc wrote earlier (never other files)."
+    ),
 ) -> None:
     """Contours of every task's loss on the PCA plane of sources, merges and paths."""
     from mudsc.plots.interpolate import EvalSet
@@ -141,8 +143,8 @@ def landscape_command(
             pair.models[0], pair.models[1], evalset, batches, chosen, resolution, dev, alpha,
             progress=progress,
         )  # fmt: skip
-    save_npz(npz, land.arrays())
-    save_figure(plot_landscape(land), png)
+    save_npz(npz, land.arrays(), force=force)
+    save_figure(plot_landscape(land), png, force=force)
     if as_json:
         emit_json({"png": str(png), "data": str(npz), **_landscape_record(land)})
         return
@@ -196,7 +198,9 @@ def diagnose_command(
     seed: int = typer.Option(0, min=0, help="Seed of the image samples."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    force: bool = typer.Option(False, "--force", help="Replace existing outputs."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace outputs mudsc wrote earlier (never other files)."
+    ),
 ) -> None:
     """Per merge space: do weight and activation similarity agree; what did each method match?"""
     from mudsc.plots.diagnose import compute_diagnosis, diagnosis_rows, plot_diagnosis
@@ -210,8 +214,8 @@ def diagnose_command(
     with progress_bars() as progress:
         diag = compute_diagnosis(pair.models[0], pair.models[1], batches, chosen, dev, alpha,
                                  progress=progress)  # fmt: skip
-    save_json(data_file, diag.to_dict())
-    save_figure(plot_diagnosis(diag), png)
+    save_json(data_file, diag.to_dict(), force=force)
+    save_figure(plot_diagnosis(diag), png, force=force)
     if as_json:
         emit_json(diag.to_dict())
         return
@@ -254,7 +258,9 @@ def interpolate_command(
     seed: int = typer.Option(0, min=0, help="Seed of the image samples."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps."),
     as_json: bool = typer.Option(False, "--json", help="Print the path's values as JSON."),
-    force: bool = typer.Option(False, "--force", help="Replace existing outputs."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace outputs mudsc wrote earlier (never other files)."
+    ),
 ) -> None:
     """Loss and accuracy per task along the straight path A -> B: naive, aligned, renormalised."""
     from mudsc.plots.interpolate import (
@@ -273,8 +279,8 @@ def interpolate_command(
     with progress_bars() as progress:
         interp = compute_interpolation(pair.models[0], pair.models[1], evalset, batches, method,
                                        steps, dev, alpha, progress=progress)  # fmt: skip
-    save_json(data_file, interp.to_dict())
-    save_figure(plot_interpolation(interp), png)
+    save_json(data_file, interp.to_dict(), force=force)
+    save_figure(plot_interpolation(interp), png, force=force)
     if as_json:
         emit_json({"png": str(png), "data": str(data_file), **interp.to_dict()})
         return

@@ -25,6 +25,7 @@ from mudsc.cli.common import (
     resolve_device,
 )
 from mudsc.cli.options import config_options
+from mudsc.data.calibration import check_labelled_holdout
 from mudsc.data.files import TensorFile, read_tensor_file, split_batches
 from mudsc.errors import CheckpointError, ConfigError, DataError
 from mudsc.inputs import existing_directory, regular_file
@@ -109,6 +110,7 @@ def hold_out(
     if cut < 1:
         raise DataError(f"a holdout of {holdout} leaves no calibration inputs in {file.path}; "
                         "lower --holdout or give more examples")  # fmt: skip
+    check_labelled_holdout(len(file) - cut, int(file.labels.unique().numel()), holdout)
     return file.inputs[:cut], (file.inputs[cut:], file.labels[cut:])
 
 

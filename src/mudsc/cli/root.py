@@ -13,6 +13,7 @@ import typer
 
 from mudsc import __version__
 from mudsc.cli.common import console
+from mudsc.signals import sigterm_as_keyboard_interrupt
 
 
 def _print_version(asked: bool) -> None:
@@ -32,7 +33,8 @@ def options(
         help="Print the version and exit.",
     ),
 ) -> None:
-    """Global options: logging level and the version."""
+    """Global options: logging level and the version; SIGTERM unwinds like Ctrl-C."""
+    sigterm_as_keyboard_interrupt()
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
