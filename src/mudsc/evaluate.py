@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from mudsc import distributed
 from mudsc.errors import MudscError
 from mudsc.models.head import ClassEmbeddingHead
 from mudsc.modes import eval_mode
@@ -52,13 +53,16 @@ class HeadView(nn.Module):
 def embed(
     model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device | str
 ) -> torch.Tensor:
-    """Embeddings of ``images`` (already normalised floats), computed in batches, on CPU."""
-    with eval_mode(model):
-        out = [
-            model(images[i : i + batch_size].to(device)).float().cpu()
-            for i in range(0, len(images), batch_size)
-        ]
-    return torch.cat(out) if out else torch.empty(0)
+    """Embeddings of ``images`` (already normalised floats), computed in batches, on CPU.
+    Inside a process group each rank embeds its share of the batches and all gather them."""
+    starts = range(0, len(images), batch_size)
+    with eval_mode(model), distributed.guard():
+        mine = {
+            i: model(images[i : i + batch_size].to(device)).float().cpu()
+            for i in distributed.shard(starts)
+        }
+    out = distributed.gather_items(mine)
+    return torch.cat([out[i] for i in starts]) if out else torch.empty(0)
 
 
 def _check_tasks(tasks: Sequence[Sequence[int]], head: ClassEmbeddingHead) -> list[list[int]]:
