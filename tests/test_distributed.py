@@ -33,6 +33,7 @@ from mudsc.evaluate import evaluate
 from mudsc.merge import MergeConfig, merge_models
 from mudsc.models import create
 from mudsc.models.head import ClassEmbeddingHead
+from mudsc.renorm import reset_batchnorm
 
 METHODS = ("avg", "rebasin", "act-align", "zipit", "wzip", "mudsc-align", "mudsc-zip")
 WORLD = 2
@@ -61,9 +62,9 @@ def _ln_models() -> list[torch.nn.Module]:
 
 
 def _merge(models: list[torch.nn.Module], method: str, **config: Any) -> dict[str, Any]:
-    """The merged state and the alpha of one merge (5 calibration batches: uneven shards)."""
+    """The merged state and the alpha of one merge (3 calibration batches: uneven shards)."""
     cfg = MergeConfig(method=method, max_sweeps=3, **config)
-    result = merge_models(models, _batches(5, 6, seed=7), cfg)
+    result = merge_models(models, _batches(3, 6, seed=7), cfg)
     return {"state": result.model.state_dict(), "alpha": result.alpha}
 
 
@@ -84,6 +85,14 @@ def _cases() -> dict[str, Callable[[], dict[str, Any]]]:
                                       alpha_grid=(0.3, 0.7))  # fmt: skip
     cases["eval"] = _eval
     return cases
+
+
+def _forward_calls() -> int:
+    """Forward passes this rank ran to reset BatchNorm on 3 batches."""
+    model, calls = _bn_models()[0], []
+    model.register_forward_pre_hook(lambda *_: calls.append(1))
+    reset_batchnorm(model, _batches(3, 4, seed=2), "cpu")
+    return len(calls)
 
 
 def _bad_shard() -> None:
@@ -117,6 +126,7 @@ def _worker(rank: int, init: str, out: str) -> None:
     )  # fmt: skip
     try:
         results = {name: case() for name, case in _cases().items()}
+        results["calls"] = _forward_calls()
         results["failures"] = {
             "bad-shard": _outcome(_bad_shard),
             "outside-loops": _outcome(_failing_outside_loops),
@@ -168,6 +178,10 @@ def test_two_ranks_equal_one_process(ranks: list[dict[str, Any]], case: str) -> 
     want = _cases()[case]()
     for r, got in enumerate(ranks):
         _assert_same(got[case], want, f"rank {r}: {case}")
+
+
+def test_each_rank_runs_its_share(ranks: list[dict[str, Any]]) -> None:
+    assert [r["calls"] for r in ranks] == [2, 1]  # batches 0, 2 and batch 1
 
 
 def test_a_failing_rank_makes_every_rank_raise(ranks: list[dict[str, Any]]) -> None:
