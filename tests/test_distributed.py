@@ -225,22 +225,31 @@ def _checkpoints(root: Path) -> list[Path]:
     return paths
 
 
-def test_torchrun_merge_writes_the_single_process_model(data_dir: Path, tmp_path: Path) -> None:
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+         "--master_port", str(_free_port()), "-m", "mudsc", *args],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_torchrun_merge_and_eval_equal_one_process(data_dir: Path, tmp_path: Path) -> None:
     a, b = _checkpoints(tmp_path)
     args = [str(a), str(b), "--method", "zipit", "--data-dir", str(data_dir),
             "--calibration-size", "40", "--batch-size", "8"]  # fmt: skip
     single = invoke("merge", *args, "-o", tmp_path / "one")
     assert single.exit_code == 0, single.output
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-         "--master_port", str(_free_port()), "-m", "mudsc", "merge", *args,
-         "-o", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    run = _torchrun("merge", *args, "-o", str(tmp_path / "two"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("saved") == 1  # rank 0 alone reports (and writes)
     one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
     _assert_same(two, one, "torchrun merge")
     card = json.loads((tmp_path / "two" / "config.json").read_text())["merge"]
     assert card["method"] == "zipit"
+
+    eval_args = [str(tmp_path / "one"), "--data-dir", str(data_dir), "--batch-size", "64",
+                 "--json"]  # fmt: skip
+    scored = _torchrun("eval", *eval_args)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert json.loads(scored.stdout) == json.loads(invoke("eval", *eval_args).stdout)
