@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from mudsc import distributed
 from mudsc.data.batches import check_batch_size
 from mudsc.errors import CheckpointError, ConfigError, DataError
 from mudsc.models.head import ClassEmbeddingHead
@@ -117,14 +118,17 @@ def embed(
 ) -> torch.Tensor:
     """Embeddings of ``images`` (already normalised floats), computed in batches, on CPU.
 
-    Non-finite outputs are refused per batch (a NaN embedding scores as chance).
+    Non-finite outputs are refused per batch (a NaN embedding scores as chance).  Inside a
+    process group each rank embeds its share of the batches and all gather them.
     """
-    with eval_mode(model):
-        out = [
-            _forward(model, images[i : i + batch_size].to(device), first=i == 0).cpu()
-            for i in range(0, len(images), batch_size)
-        ]
-    return torch.cat(out) if out else torch.empty(0)
+    starts = range(0, len(images), batch_size)
+    with eval_mode(model), distributed.guard():
+        mine = {
+            i: _forward(model, images[i : i + batch_size].to(device), first=i == 0).cpu()
+            for i in distributed.shard(starts)
+        }
+    out = distributed.gather_items(mine)
+    return torch.cat([out[i] for i in starts]) if out else torch.empty(0)
 
 
 def _check_tasks(tasks: Sequence[Sequence[int]], head: ClassEmbeddingHead) -> list[list[int]]:

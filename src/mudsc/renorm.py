@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mudsc import distributed
 from mudsc.errors import ConfigError, DataError
 from mudsc.layers import has_batchnorm, is_batchnorm, layer_type
 from mudsc.modes import eval_mode, train_mode
@@ -50,12 +51,12 @@ def _nonempty(batches: Iterable[Tensor]) -> list[Tensor]:
     return batches
 
 
-def _forward_all(model: nn.Module, batches: Iterable[Tensor], device: torch.device | str) -> int:
-    batches = _nonempty(batches)
-    for k, x in enumerate(batches):
-        with batch_fits(f"calibration batch {k}"):
-            model(x.to(device))
-    return len(batches)
+def _forward_all(model: nn.Module, batches: Iterable[Tensor], device: torch.device | str) -> None:
+    """This rank's share of the batches through ``model`` (all of them in one process)."""
+    with distributed.guard():
+        for k, x in distributed.shard(enumerate(batches)):
+            with batch_fits(f"calibration batch {k}"):
+                model(x.to(device))
 
 
 @torch.no_grad()
@@ -63,7 +64,8 @@ def reset_batchnorm(
     model: nn.Module, batches: Iterable[Tensor], device: torch.device | str
 ) -> None:
     """Re-estimate every BatchNorm's running statistics as a cumulative average (one pass);
-    the model is left in eval mode, ready to use."""
+    the model is left in eval mode, ready to use.  Inside a process group the ranks share
+    the batches and combine their averages into the one over all batches."""
     batches = _nonempty(batches)
     norms = [m for m in model.modules() if is_batchnorm(m)]
     saved = [(m, m.momentum) for m in norms]
@@ -73,6 +75,7 @@ def reset_batchnorm(
     try:
         with train_mode(model):
             _forward_all(model, batches, device)
+        distributed.combine_batchnorm(norms)
     finally:
         for m, momentum in saved:
             m.momentum = momentum
@@ -192,7 +195,16 @@ def _measure(
     finally:
         for h in handles:
             h.remove()
-    return stats
+    return _shared(stats)
+
+
+def _shared(stats: dict[str, _Moments]) -> dict[str, _Moments]:
+    """Every rank's per-channel moments merged (each rank measured a shard of the batches)."""
+    if not distributed.active():
+        return stats
+    parts = {n: None if s.mean is None else (s.count, s.mean, s.m2) for n, s in stats.items()}
+    merged = distributed.combine_parts(parts)
+    return {n: _Moments() if p is None else _Moments(*p) for n, p in merged.items()}
 
 
 def _called(
@@ -251,6 +263,7 @@ def apply_repair(
     if not layers:
         log.info("REPAIR: no eligible layer (needs weight and bias on a merged space)")
         return 0
+    batches = _nonempty(batches)
     source_stats = [_measure(src, layers, batches, device) for src in sources]
     layers = _called(layers, source_stats)
     modules = dict(merged.named_modules())
@@ -287,6 +300,7 @@ def apply_repair(
     finally:
         for h in handles:
             h.remove()
+    raw = _shared(raw)
     for name in layers:
         mod = modules[name]
         now_mean, now_std = raw[name].mean_std()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mudsc import distributed
 from mudsc.apply import apply_matches
 from mudsc.errors import CheckpointError, ConfigError, DataError, SpecError
 from mudsc.evaluate import check_finite_weights, check_input_shape
@@ -381,6 +382,7 @@ def apply_stage(
 ) -> nn.Module:
     """The merged model (in eval mode): the sources' class with merged weights, or trunk +
     heads for a partial merge."""
+    matches = distributed.agreed(matches)
     if traced.partial:
         assert traced.graph is not None
         merged = build_partial(models, traced.graph, matches, stop_at, traced.full)
@@ -400,6 +402,7 @@ def repair_stage(
     device: str,
 ) -> None:
     """Correct the merged model's normalisation in place: BatchNorm reset or REPAIR."""
+    matches = distributed.agreed(matches)
     mode = resolve_mode(mode, merged)
     if mode == "repair" and traced.partial:
         log.warning("REPAIR is not available for partial merges; normalisation left as is")
@@ -465,11 +468,12 @@ def agreement(merged: nn.Module, sources: Sequence[nn.Module], batches: Sequence
     """How closely the merged model reproduces every source's outputs (mean cosine).
 
     Sources run in eval mode (modes restored after): in train mode BatchNorm would score
-    on batch statistics and overwrite the caller's running statistics.
+    on batch statistics and overwrite the caller's running statistics.  Inside a process
+    group each rank scores its share of the batches and the sums are added.
     """
     total, count = 0.0, 0
-    with eval_mode(*sources):
-        for x in batches:
+    with eval_mode(*sources), distributed.guard():
+        for x in distributed.shard(batches):
             outs = (
                 merged.forward_heads(x)
                 if isinstance(merged, PartialMerge)
@@ -481,6 +485,7 @@ def agreement(merged: nn.Module, sources: Sequence[nn.Module], batches: Sequence
                 )
                 total += cos.sum().item()
                 count += len(x)
+    total, count = distributed.sum_values(total, count)
     return total / max(count, 1)
 
 

@@ -17,6 +17,7 @@ their std, where plain float32 sums lose ~1e-3 (see tests/test_stats.py).
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mudsc import distributed
 from mudsc.errors import ConfigError, DataError, SpecError
 from mudsc.modes import eval_mode
 from mudsc.spaces import permute_state, random_permutations
@@ -165,6 +167,7 @@ class _Accumulator:
         self.dtype = dtype
         self.count = 0
         self.shift: Tensor | None = None
+        self.priming = False
         self.sum = torch.zeros(width, dtype=torch.float64, device=device)
         self.sum_outer = torch.zeros(width, width, dtype=torch.float64, device=device)
 
@@ -174,6 +177,8 @@ class _Accumulator:
             x = torch.cat([p[r : r + CHUNK_ROWS] for p in parts], dim=1).to(self.dtype)
             if self.shift is None:
                 self.shift = x.mean(dim=0)
+            if self.priming:
+                return
             x -= self.shift  # x is a fresh copy made by cat
             self.sum += x.sum(dim=0)
             self.sum_outer += model_gram(x, self.n_models)
@@ -379,7 +384,8 @@ def collect_moments(
     ``spaces`` defaults to every mergeable space (each needs a tap).  ``device`` defaults to
     the first model's; the models must already be there, batches are moved there.  Models
     run in eval mode without gradients; their modes are restored and every hook removed,
-    also on error.  One forward pass per model per batch.
+    also on error.  One forward pass per model per batch.  Inside a process group every
+    rank passes the same batches, runs its share and gets the moments of all of them.
     """
     models = list(models)
     if not models:
@@ -395,13 +401,17 @@ def collect_moments(
         for i, model in enumerate(models):
             _attach(stack, recorder, i, model, chosen)
         stack.enter_context(eval_mode(*models))
+        stack.enter_context(distributed.guard())
         with torch.no_grad():
-            for k, batch in enumerate(batches):
+            batches = _primed(models, accs, recorder, batches, dev)
+            for k, batch in distributed.shard(enumerate(batches)):
                 for i, model in enumerate(models):
                     with batch_fits(f"calibration batch {k} (model {i})"):
                         _forward(model, batch, dev)
                 recorder.end_batch()
                 n_batches += 1
+    if distributed.active():
+        n_batches = _shared(accs, n_batches)
     if n_batches == 0:
         raise DataError(
             "no calibration data: the batches iterable is empty; pass at least one batch"
@@ -409,6 +419,44 @@ def collect_moments(
     result = {name: _finished(name, acc) for name, acc in accs.items()}
     logger.debug("collected moments of %d spaces over %d batches", len(result), n_batches)
     return result
+
+
+def _primed(
+    models: Sequence[nn.Module],
+    accs: Mapping[str, _Accumulator],
+    recorder: _Recorder,
+    batches: Iterable[Any],
+    device: torch.device,
+) -> Iterable[Any]:
+    """Off rank 0, the shifts one process takes (from batch 0's first chunk) set before this
+    rank's shard runs, so that its float32 products are the ones one process computes and
+    the combined moments equal its own to float64 rounding.  Costs one batch per rank."""
+    if distributed.rank() == 0:
+        return batches
+    rest = iter(batches)
+    first = next(rest, None)
+    if first is None:
+        return []
+    for acc in accs.values():
+        acc.priming = True
+    try:
+        for model in models:
+            _forward(model, first, device)
+        recorder.end_batch()
+    finally:
+        for acc in accs.values():
+            acc.priming = False
+    return itertools.chain([first], rest)
+
+
+def _shared(accs: Mapping[str, _Accumulator], n_batches: int) -> int:
+    """Every rank's sums added into its accumulators (each rank ran a shard of the batches);
+    returns the batches run by all ranks."""
+    merged = distributed.combine_space_moments({n: a.moments() for n, a in accs.items()})
+    for name, acc in accs.items():
+        m = merged[name]
+        acc.count, acc.sum, acc.sum_outer, acc.shift = m.count, m.sum, m.sum_outer, m.shift
+    return int(distributed.sum_values(n_batches)[0])
 
 
 class _Capture:

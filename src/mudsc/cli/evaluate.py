@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import typer
 
+from mudsc import distributed
 from mudsc.cli.common import console, friendly, report_table, resolve_device
 from mudsc.data.files import TensorFile, read_tensor_file
 from mudsc.errors import CheckpointError, ConfigError
@@ -25,6 +26,7 @@ def parse_tasks(text: str | None) -> list[list[int]] | None:
 
 
 @friendly
+@distributed.launched
 def eval_command(
     checkpoints: list[Path] = typer.Argument(
         ..., help="One checkpoint, or several for an ensemble; or one Hugging Face directory."
@@ -49,7 +51,7 @@ def eval_command(
     Face classifier: the accuracy of argmax(logits) on --data-file)."""
     from mudsc.hf import is_hf_directory
 
-    dev = resolve_device(device)
+    dev = distributed.local_device(resolve_device(device))
     labelled = _checked_inputs(checkpoints, data_file)
     if any(is_hf_directory(p) for p in checkpoints):
         _eval_hf(checkpoints, labelled, batch_size, dev, as_json)
@@ -73,6 +75,8 @@ def eval_command(
     models = [ck.model for ck in loaded]
     report = evaluate(models if len(models) > 1 else models[0], images, labels,
                       task_lists, head, dev, batch_size)  # fmt: skip
+    if not distributed.is_root():
+        return
     label = "ensemble" if len(models) > 1 else str(checkpoints[0])
     row = {"method": label, **report.to_dict()}
     if as_json:

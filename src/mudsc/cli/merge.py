@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import typer
 
+from mudsc import distributed
 from mudsc.cli.common import (
     check_output,
     console,
@@ -115,6 +116,7 @@ def hold_out(
 
 
 @friendly
+@distributed.launched
 @config_options(
     MergeConfig, into="settings", skip={"alpha_grid", "device", "stop_at"},
     types={"alpha": str}, helps={"method": method_help()}, panel="Merge settings",
@@ -160,12 +162,13 @@ def merge_command(
     *,
     settings: dict[str, Any],
 ) -> None:
-    """Merge source models into one and save it with its merge card."""
+    """Merge source models into one and save it with its merge card.  Under torchrun the
+    ranks share the calibration passes and rank 0 alone writes."""
     from mudsc.atomic import refuse_existing
 
     check_output(output, [*checkpoints, *([calibration] if calibration else [])])
     refuse_existing(output, force)
-    dev = resolve_device(device)
+    dev = distributed.local_device(resolve_device(device))
     config = MergeConfig(**settings, device=str(dev), stop_at=_stop_at(stop_at, stop_after_spaces))
     if len(checkpoints) < 2:
         raise ConfigError("merge needs at least two checkpoints")
@@ -223,6 +226,8 @@ def _merge_hf(
     models = [load_hf_model(p, dev) for p in paths]
     score_fn = _logits_score(held, dev, batch_size)
     result = _run(models, split_batches(fit.to(dev), batch_size), config, score_fn)
+    if not distributed.is_root():
+        return
     card = _card(result, paths, {"file": str(file.path), "inputs": len(file)})
     if score_fn is not None:
         card["alpha_score"] = "accuracy of argmax(logits) on a held-out labelled slice"
@@ -256,6 +261,8 @@ def _merge_checkpoints(
         provenance = {"dataset": name, "images": source[2], "seed": config.seed}
     score_fn = _held_out_score(held, head, tasks, dev, batch_size)
     result = _run([ck.model for ck in loaded], batches, config, score_fn)
+    if not distributed.is_root():
+        return
     card = _card(result, paths, provenance)
     if score_fn is not None:
         card["alpha_score"] = "average per-task accuracy on a held-out labelled slice"
@@ -301,7 +308,8 @@ def _run(
     from mudsc.merge import merge_models
 
     with progress_bars() as progress:
-        return merge_models(models, batches, config, score_fn=score_fn, progress=progress)
+        shown = progress if distributed.is_root() else None
+        return merge_models(models, batches, config, score_fn=score_fn, progress=shown)
 
 
 def _card(
