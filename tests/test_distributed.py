@@ -95,11 +95,20 @@ def _forward_calls() -> int:
     return len(calls)
 
 
+def _refuse_three(module: torch.nn.Module, args: tuple) -> None:
+    if args[0].shape[0] == 3:
+        raise RuntimeError("a batch of 3 breaks this model")
+
+
 def _bad_shard() -> None:
-    """Batch 1 (rank 1's) has 5 channels: only rank 1's forward pass fails."""
+    """Batch 1 (rank 1's) passes every up-front check but breaks the forward pass: only
+    rank 1's statistics pass fails."""
     batches = _batches(3, 4, seed=1)
-    batches[1] = torch.randn(4, 5, 8, 8)
-    merge_models(_bn_models(), batches, MergeConfig(method="zipit"))
+    batches[1] = batches[1][:3]
+    models = _bn_models()
+    for model in models:
+        model.register_forward_pre_hook(_refuse_three)
+    merge_models(models, batches, MergeConfig(method="zipit"))
 
 
 def _failing_outside_loops() -> None:
@@ -186,8 +195,8 @@ def test_each_rank_runs_its_share(ranks: list[dict[str, Any]]) -> None:
 
 def test_a_failing_rank_makes_every_rank_raise(ranks: list[dict[str, Any]]) -> None:
     bad = [r["failures"]["bad-shard"] for r in ranks]
-    assert bad[1].startswith("RuntimeError")  # rank 1's own error
-    assert bad[0].startswith("MudscError: rank 1 failed: RuntimeError")
+    assert bad[1].startswith("DataError: calibration batch 1 (model 0) does not fit")
+    assert bad[0].startswith("DataError: rank 1 failed: calibration batch 1 (model 0)")
     outside = [r["failures"]["outside-loops"] for r in ranks]
     assert outside[1] == "DataError: calibration file is truncated; re-export it"
     assert outside[0] == "DataError: rank 1 failed: calibration file is truncated; re-export it"
