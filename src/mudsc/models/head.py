@@ -141,10 +141,9 @@ class ClassEmbeddingHead(nn.Module):
                 raise ConfigError(f"class-embedding head config lacks {missing[0]!r}")
             return cls.orthonormal(cfg["num_classes"], cfg["dim"], cfg["seed"])
         if kind == "file":
-            if not isinstance(cfg.get("path"), str):
-                raise ConfigError(
-                    f"class-embedding head config needs a 'path' string, got {given(cfg.get('path'))}"
-                )
+            path = cfg.get("path")
+            if not isinstance(path, str):
+                raise ConfigError(f"class-embedding head config needs a 'path', got {given(path)}")
             head = cls.from_file(cfg["path"])
             expected = (cfg.get("num_classes", head.num_classes), cfg.get("dim", head.dim))
             if (head.num_classes, head.dim) != tuple(expected):

@@ -73,7 +73,7 @@ def create(name: str, **kwargs: object) -> nn.Module:
     check_args(name, kwargs)
     nbytes = _meta_bytes(name, factory, kwargs)
     if nbytes is not None:
-        check_memory(nbytes, f"architecture {name!r} with arguments {_short(kwargs)}")
+        check_memory(nbytes, f"architecture {name!r} with arguments {shown(kwargs)}")
     return factory(**kwargs)
 
 
@@ -87,7 +87,7 @@ def check_args(name: str, kwargs: Mapping[str, object]) -> None:
         if not isinstance(key, str) or (key not in params and not accepts_any):
             valid = [k for k, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
             raise ConfigError(
-                f"architecture {name!r} has no argument {_short(key)}; "
+                f"architecture {name!r} has no argument {shown(key)}; "
                 f"valid arguments: {', '.join(valid)}"
             )
         annotation = params[key].annotation if key in params else Any
@@ -149,10 +149,10 @@ def given(value: object) -> str:
         kind = "a list"
     else:
         kind = kinds.get(type(value), f"a {type(value).__name__}")
-    return f"{_short(value)} ({kind})"
+    return f"{shown(value)} ({kind})"
 
 
-def _short(value: object, limit: int = 100) -> str:
+def shown(value: object, limit: int = 100) -> str:
     """``repr(value)`` bounded in work and length: a YAML alias bomb's repr would be gigabytes."""
     bounded = reprlib.Repr()
     bounded.maxlevel, bounded.maxstring, bounded.maxother = 3, limit, limit
@@ -198,7 +198,7 @@ def _meta_bytes(name: str, factory: Callable[..., nn.Module], kwargs: Mapping) -
     except _TooLarge as stop:
         if stop.modules > MAX_MODULES:
             raise ResourceError(
-                f"architecture {name!r} with arguments {_short(kwargs)} builds more than "
+                f"architecture {name!r} with arguments {shown(kwargs)} builds more than "
                 f"{MAX_MODULES} modules; choose smaller arguments"
             ) from None
         return stop.nbytes
