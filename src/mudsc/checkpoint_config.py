@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mudsc.errors import CheckpointError, ConfigError
-from mudsc.models.registry import check_args, given, names
+from mudsc.models.registry import check_args, given, names, shown
 from mudsc.partial import check_record
 
 HEAD_KINDS = ("orthonormal", "file", "tensor")
@@ -33,7 +33,7 @@ def check_checkpoint_config(config: Any, path: str | Path) -> dict[str, Any]:
         raise fail("arch", "an architecture name", arch)
     if arch not in names():
         raise CheckpointError(
-            f"{path}: field 'arch' names architecture {given(arch)}, which this mudsc does not "
+            f"{path}: field 'arch' names architecture {shown(arch)}, which this mudsc does not "
             f"have; known: {', '.join(names())}"
         )
     arch_args = config.get("arch_args", {})

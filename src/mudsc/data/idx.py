@@ -87,9 +87,7 @@ def _read_header(handle: IO[bytes], path: Path, ndim: int) -> tuple[int, ...]:
         raise DataError(f"{path}: IDX file has {magic[3]} dimensions, expected {ndim}")
     raw = handle.read(4 * ndim)
     if len(raw) < 4 * ndim:
-        raise DataError(
-            f"{path}: truncated IDX header ({4 + len(raw)} bytes, need {4 + 4 * ndim})"
-        )
+        raise DataError(f"{path}: truncated IDX header ({4 + len(raw)} bytes, need {4 + 4 * ndim})")
     return tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim))
 
 

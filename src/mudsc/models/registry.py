@@ -28,9 +28,9 @@ from torch.nn.modules import module as torch_module
 from mudsc.errors import ConfigError, ResourceError
 from mudsc.registry import Registry
 
-# A zoo model has at most a few thousand submodules; a build past this is a runaway loop
-# (``depth: 1e9``), stopped before it spins for minutes.
-MAX_MODULES = 20_000
+# Parameters, buffers and submodules registered while building: ResNet-50 has ~500; a build
+# past this is a runaway loop (``depth: 1e9``), stopped before it spins for minutes.
+MAX_PARTS = 5_000
 GB = 1024**3
 
 F = TypeVar("F", bound=Callable[..., nn.Module])
@@ -105,8 +105,7 @@ def _parameters(factory: Callable[..., nn.Module]) -> Mapping[str, inspect.Param
         return inspect.signature(factory, eval_str=True).parameters
     except (NameError, TypeError, SyntaxError, AttributeError):
         return {
-            k: p.replace(annotation=Any)
-            for k, p in inspect.signature(factory).parameters.items()
+            k: p.replace(annotation=Any) for k, p in inspect.signature(factory).parameters.items()
         }
 
 
@@ -182,9 +181,9 @@ def machine_memory() -> int | None:
 class _TooLarge(Exception):
     """Raised inside the meta build to stop it as soon as it is known to be too large."""
 
-    def __init__(self, nbytes: int, modules: int) -> None:
-        super().__init__(nbytes, modules)
-        self.nbytes, self.modules = nbytes, modules
+    def __init__(self, nbytes: int, parts: int) -> None:
+        super().__init__(nbytes, parts)
+        self.nbytes, self.parts = nbytes, parts
 
 
 def _meta_bytes(name: str, factory: Callable[..., nn.Module], kwargs: Mapping) -> int | None:
@@ -196,10 +195,10 @@ def _meta_bytes(name: str, factory: Callable[..., nn.Module], kwargs: Mapping) -
             factory(**kwargs)
         return counted[0]
     except _TooLarge as stop:
-        if stop.modules > MAX_MODULES:
+        if stop.parts > MAX_PARTS:
             raise ResourceError(
                 f"architecture {name!r} with arguments {shown(kwargs)} builds more than "
-                f"{MAX_MODULES} modules; choose smaller arguments"
+                f"{MAX_PARTS} parameters, buffers and submodules; choose smaller arguments"
             ) from None
         return stop.nbytes
     except (NotImplementedError, RuntimeError):  # an op without a meta kernel
@@ -208,26 +207,23 @@ def _meta_bytes(name: str, factory: Callable[..., nn.Module], kwargs: Mapping) -
 
 @contextmanager
 def _counting(budget: int) -> Iterator[list[int]]:
-    """Tally (bytes, modules) registered by this thread; stop the build past either limit."""
+    """Tally [bytes, parts] registered by this thread; stop the build past either limit."""
     owner = threading.get_ident()
     counted = [0, 0]
 
-    def tensor(_module: nn.Module, _name: str, value: torch.Tensor | None) -> None:
-        if value is not None and threading.get_ident() == owner:
+    def count(_module: nn.Module, _name: str, value: object) -> None:
+        if value is None or threading.get_ident() != owner:
+            return
+        counted[1] += 1
+        if isinstance(value, torch.Tensor):
             counted[0] += value.numel() * value.element_size()
-            if counted[0] > budget:
-                raise _TooLarge(counted[0], counted[1])
-
-    def submodule(_module: nn.Module, _name: str, _child: nn.Module | None) -> None:
-        if threading.get_ident() == owner:
-            counted[1] += 1
-            if counted[1] > MAX_MODULES:
-                raise _TooLarge(counted[0], counted[1])
+        if counted[0] > budget or counted[1] > MAX_PARTS:
+            raise _TooLarge(counted[0], counted[1])
 
     handles = [
-        torch_module.register_module_parameter_registration_hook(tensor),
-        torch_module.register_module_buffer_registration_hook(tensor),
-        torch_module.register_module_module_registration_hook(submodule),
+        torch_module.register_module_parameter_registration_hook(count),
+        torch_module.register_module_buffer_registration_hook(count),
+        torch_module.register_module_module_registration_hook(count),
     ]
     try:
         yield counted
