@@ -170,7 +170,10 @@ WRONG_TYPES = [
     ({"arch_args": {"depth": True}}, "'depth' .* must be an integer, got True"),
     ({"arch_args": {"heads": 2}}, "architecture 'mlp' has no argument 'heads'"),
     ({"embed_dim": 1.0e9}, "'embed_dim' must be an integer >= 1, got 1000000000.0 \\(a float\\)"),
-    ({"embed_dim": "1e9"}, "'embed_dim' must be .*a string\\) \\(YAML reads 1e9 as text"),
+    (
+        {"embed_dim": "1e9"},
+        r"'embed_dim' must be .*\(YAML reads 1e9 and 1.0e9 as text; write 1.0e\+9\)",
+    ),
     ({"pairs": True}, "'pairs' must be an integer >= 1, got True \\(true/false\\)"),
     ({"train": "fast"}, "'train' must be a mapping"),
     ({"train": {"epochs": True}}, "'train.epochs' must be an integer >= 1, got True"),
@@ -301,6 +304,18 @@ def test_absurd_or_mistyped_arguments_are_refused_before_allocating(
         create(arch, **args)
     assert time.perf_counter() - start < 15
     _one_line(info)
+
+
+def test_the_meta_build_leaves_weights_and_random_state_as_they_were() -> None:
+    for arch in ("mlp", "resnet20", "vit"):
+        torch.manual_seed(0)
+        plain = MODELS.get(arch).factory(in_channels=1, image_size=8, embed_dim=4)
+        after_plain = torch.rand(3)
+        torch.manual_seed(0)
+        checked = create(arch, in_channels=1, image_size=8, embed_dim=4)
+        assert torch.equal(torch.rand(3), after_plain)
+        for a, b in zip(plain.state_dict().values(), checked.state_dict().values(), strict=True):
+            assert torch.equal(a, b)
 
 
 def test_a_factory_that_cannot_build_on_meta_is_built_for_real() -> None:

@@ -108,8 +108,8 @@ class ExperimentConfig:
 
 def _fail(key: str, must: str, value: Any) -> ConfigError:
     hint = ""
-    if isinstance(value, str) and _is_number(value):
-        hint = " (YAML reads 1e9 as text; write 1.0e9 or 1000000000)"
+    if isinstance(value, str) and "e" in value.lower() and _is_number(value):
+        hint = " (YAML reads 1e9 and 1.0e9 as text; write 1.0e+9)"
     return ConfigError(f"config key {key!r} must be {must}, got {given(value)}{hint}")
 
 

@@ -11,6 +11,7 @@ against the factory's annotations and builds the model on the meta device first:
 from __future__ import annotations
 
 import inspect
+import numbers
 import os
 import reprlib
 import threading
@@ -116,10 +117,10 @@ def fits(value: object, annotation: Any) -> bool:
         return True
     if annotation is bool:
         return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is int:  # numbers.Integral: numpy integers too
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if annotation is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if annotation is str:
         return isinstance(value, str)
     if annotation is None or annotation is type(None):
