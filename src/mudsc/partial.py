@@ -48,7 +48,8 @@ import torch
 from torch import Tensor, fx, nn
 
 from mudsc.apply import apply_matches, check_matches, contract_axis
-from mudsc.errors import MudscError
+from mudsc.errors import CheckpointError, ConfigError, MudscError, SpecError
+from mudsc.models.registry import given
 from mudsc.solvers.match import Match, identity_match
 from mudsc.spaces.build import Key
 from mudsc.spaces.context import Stacked, TDims, has_tensor
@@ -58,6 +59,8 @@ from mudsc.spaces.trace import TracedModel, trace_model
 log = logging.getLogger(__name__)
 
 FORMAT = "mudsc.partial/1"
+# More heads than this is no merge anyone runs: a hand-edited record, refused before building.
+MAX_MODELS = 1024
 StopAt = str | int
 Kind = Literal["units", "blocks", "split"]
 
@@ -164,13 +167,13 @@ def resolve_stop(traced: TracedModel, stop_at: StopAt, spec: MergeSpec | None = 
 
 def _resolve(g: _Graph, spec: MergeSpec, stop_at: StopAt) -> Cut:
     if isinstance(stop_at, bool) or not isinstance(stop_at, str | int):
-        raise MudscError(
+        raise ConfigError(
             f"stop_at must be a module path (str) or a number of spaces (int), got {stop_at!r}"
         )
     if isinstance(stop_at, int):
         ends = _space_ends(g, spec)
         if not 1 <= stop_at <= len(ends):
-            raise MudscError(
+            raise ConfigError(
                 f"cannot stop after {stop_at} spaces: the model has {len(ends)} merge spaces; "
                 f"give k in 1..{len(ends)} or a module path ({_choice_text(g, spec)})"
             )
@@ -182,7 +185,7 @@ def _resolve(g: _Graph, spec: MergeSpec, stop_at: StopAt) -> Cut:
             if n in g.dependent and n.op not in ("placeholder", "output") and stop_at in g.scopes(n)
         ]
         if not inside:
-            raise MudscError(
+            raise ConfigError(
                 f"no module {stop_at!r} runs on the input of {g.model_name}; stop at "
                 f"a module path ({_choice_text(g, spec)}, or any deeper path such as "
                 f"'{_deep_example(g)}') or at a number of spaces"
@@ -278,7 +281,7 @@ class _Layouts:
 
     def _walk(self, value: Any, meta: Any, item: tuple[int, ...], out: list[Segment]) -> None:
         if isinstance(value, Stacked):
-            raise MudscError(
+            raise SpecError(
                 "the cut falls between a fused projection and its split into parts (q/k/v); "
                 "stop at the enclosing module instead"
             )
@@ -289,7 +292,7 @@ class _Layouts:
             for i, (v, m) in enumerate(zip(value, metas, strict=False)):
                 self._walk(v, m, (*item, i), out)
         elif has_tensor(meta):
-            raise MudscError(
+            raise SpecError(
                 "the tracer has no layout for a tensor that crosses the cut; stop at another module"
             )
 
@@ -351,7 +354,7 @@ def space_keys(traced: TracedModel, spaces: Iterable[Space]) -> dict[str, Key]:
         found = {owner.get((m.tensor, m.axis, m.start)) for m in members}
         if len(found) != 1 or None in found:
             where = ", ".join(sorted(str(f) for f in found if f is not None)) or "none"
-            raise MudscError(
+            raise SpecError(
                 f"space {s.name!r} of the given spec is not one space of the traced "
                 f"{traced.model_name} (its producers lie in traced spaces: {where}); pass a "
                 "spec that mudsc.trace derives for this model (renaming spaces is fine)"
@@ -367,15 +370,15 @@ def _space_of(layouts: _Layouts, key: tuple) -> str:
     return "?"
 
 
-def _mismatch(name: str) -> MudscError:
-    return MudscError(
+def _mismatch(name: str) -> SpecError:
+    return SpecError(
         f"the merge spec does not match the traced model at space {name!r} (edited by hand?); "
         "partial merging needs the spec that mudsc.trace derives for this model"
     )
 
 
-def _unsplittable(name: str) -> MudscError:
-    return MudscError(
+def _unsplittable(name: str) -> SpecError:
+    return SpecError(
         f"space {name!r} crosses the cut in a layout that cannot be unmerged; stop at another "
         "module (for example the one that encloses this one)"
     )
@@ -405,7 +408,7 @@ class Unmerge(nn.Module):
 
     def forward(self, *values: Any) -> tuple:
         if len(values) != len(self.plans):
-            raise MudscError(f"Unmerge expects {len(self.plans)} values, got {len(values)}")
+            raise SpecError(f"Unmerge expects {len(self.plans)} values, got {len(values)}")
         out = []
         for value, plan in zip(values, self.plans, strict=True):
             for seg in plan:
@@ -519,7 +522,7 @@ class PartialMerge(nn.Module):
     ) -> None:
         super().__init__()
         if not heads or len(heads) != len(unmerges):
-            raise MudscError("a partial merge needs one unmerge step per head, and >= 1 head")
+            raise SpecError("a partial merge needs one unmerge step per head, and >= 1 head")
         self.trunk = trunk
         self.heads = nn.ModuleList(heads)
         self.unmerges = nn.ModuleList(unmerges)
@@ -536,7 +539,7 @@ class PartialMerge(nn.Module):
     def forward(self, *inputs: Any) -> Tensor:
         outs = self.forward_heads(*inputs)
         if not all(isinstance(o, Tensor) and o.shape == outs[0].shape for o in outs):
-            raise MudscError(
+            raise SpecError(
                 "the heads do not return tensors of one shape; use forward_heads() instead"
             )
         return torch.stack(outs)
@@ -558,20 +561,22 @@ class PartialMerge(nn.Module):
 
         Values are cast to the fresh model's dtype; build it in float64 to keep float64.
         """
-        if meta.get("format") != FORMAT:
-            raise MudscError(
-                f"not a partial-merge record (format {meta.get('format')!r}, expected {FORMAT!r})"
-            )
+        check_record(meta)
+        n_models, stop_at, recorded = meta["n_models"], meta["stop_at"], meta["boundary"]
+        _check_heads_in_state(state, n_models)
         try:
             spec = MergeSpec.from_dict(meta["spec"])
-            n_models, stop_at, recorded = int(meta["n_models"]), meta["stop_at"], meta["boundary"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MudscError(f"malformed partial-merge record: missing or bad {exc}") from exc
+        except MudscError as exc:
+            raise CheckpointError(f"partial-merge record field 'spec': {exc}") from None
         model = make_model()
+        try:  # every space's size is bounded by the model's real tensors before any eye(n)
+            spec.validate(model)
+        except MudscError as exc:
+            raise CheckpointError(f"partial-merge record field 'spec': {exc}") from None
         parts = _split(trace_model(model, example_input, verify=False), spec, stop_at)
         rebuilt = json.loads(json.dumps([c.to_dict() for c in parts.crossings]))
         if rebuilt != json.loads(json.dumps(recorded)):
-            raise MudscError(
+            raise CheckpointError(
                 "the rebuilt model is cut differently than the recorded one (another "
                 "architecture, other arguments or another version?); rebuild it with the "
                 "architecture and arguments it was merged with"
@@ -590,11 +595,80 @@ class PartialMerge(nn.Module):
         try:
             pm.load_state_dict(dict(state))
         except RuntimeError as exc:
-            raise MudscError(
-                f"the recorded tensors do not fit the rebuilt model: {exc}; rebuild it with the "
-                "architecture and arguments it was merged with"
+            raise CheckpointError(
+                f"the recorded tensors do not fit the rebuilt model: {str(exc).splitlines()[0]}; "
+                "rebuild it with the architecture and arguments it was merged with"
             ) from exc
         return pm
+
+
+def check_record(meta: Any) -> None:
+    """Check a partial-merge record's fields (types, ``n_models`` in 2..:data:`MAX_MODELS`)
+    before anything is built from it: one :class:`CheckpointError` naming the field."""
+    if not isinstance(meta, Mapping):
+        raise CheckpointError(f"a partial-merge record must be a mapping, got {given(meta)}")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"not a partial-merge record (format {given(meta.get('format'))}, expected {FORMAT!r})"
+        )
+    checks: dict[str, tuple[str, Callable[[Any], bool]]] = {
+        "n_models": (f"an integer in 2..{MAX_MODELS}", _is_model_count),
+        "stop_at": ("a module path or a number of spaces", _is_stop),
+        "spec": ("a mapping with a 'spaces' list", _is_spec),
+        "boundary": ("a list of {node, segments} mappings", _is_boundary),
+        "trunk_spaces": ("a list of space names", _is_names),
+        "cut": ("a mapping of {node, module} names", _is_cut),
+    }
+    for key, (must, ok) in checks.items():
+        if key not in meta and key in ("trunk_spaces", "cut"):  # display only
+            continue
+        if key not in meta or not ok(meta[key]):
+            raise CheckpointError(
+                f"partial-merge record field {key!r} must be {must}, got {given(meta.get(key))}"
+            )
+
+
+def _is_model_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 2 <= value <= MAX_MODELS
+
+
+def _is_stop(value: Any) -> bool:
+    return isinstance(value, str | int) and not isinstance(value, bool)
+
+
+def _is_spec(value: Any) -> bool:
+    return isinstance(value, Mapping) and isinstance(value.get("spaces"), list)
+
+
+def _is_boundary(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(c, Mapping) and isinstance(c.get("node"), str)
+        and isinstance(c.get("segments"), list)
+        for c in value
+    )  # fmt: skip
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _is_cut(value: Any) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(v, str) for v in value.values())
+
+
+def _check_heads_in_state(state: Mapping[str, Tensor], n_models: int) -> None:
+    """The per-model tensors (``heads.i.*``, ``unmerges.i.*``) must number ``n_models``:
+    a record claiming more heads than its tensors hold is refused before they are built."""
+    held = {
+        int(parts[1])
+        for parts in (k.split(".", 2) for k in state)
+        if parts[0] in ("heads", "unmerges") and len(parts) > 1 and parts[1].isdigit()
+    }
+    if held and held != set(range(n_models)):
+        raise CheckpointError(
+            f"partial-merge record field 'n_models' is {n_models} but the tensors hold "
+            f"{len(held)} models' heads; the config does not belong to these weights"
+        )
 
 
 def _check_blocks(
@@ -609,7 +683,7 @@ def _check_blocks(
             ref = block_map(matches[seg.space].unmerge_of(i), seg.groups)
             maps = [block_map(matches[t].unmerge_of(i), seg.groups) for t in tied if t in matches]
             if not (ref.sum(1) == 1).all() or any(not torch.equal(ref, m) for m in maps):
-                raise MudscError(
+                raise SpecError(
                     f"a per-head tensor of space {seg.space!r} crosses the cut, but model {i}'s "
                     "matches do not map each of its heads to one merged head (the same in all "
                     "tied spaces); use a group-respecting solver or stop at another module"
@@ -665,7 +739,7 @@ def build_partial(
     spec = traced.spec if spec is None else spec
     models = list(models)
     if len(models) < 2:
-        raise MudscError(f"partial merging needs at least two models, got {len(models)}")
+        raise ConfigError(f"partial merging needs at least two models, got {len(models)}")
     spec.validate(models[0])
     check_matches(spec, matches, len(models))
     parts = _split(traced, spec, stop_at)

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mudsc.errors import MudscError
+from mudsc.errors import DataError
+from mudsc.inputs import regular_file
 
 _NUMPY_CORE = "numpy._core" if importlib.util.find_spec("numpy._core") else "numpy.core"
 _NUMPY_MODULES = {
@@ -83,19 +84,29 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def missing_files(directory: Path, layout: CifarLayout) -> list[str]:
-    """Names of the batch files that ``directory`` lacks."""
+    """Names of the batch files that ``directory`` lacks (one that exists but is no regular
+    file, a FIFO or a symlink loop, is an error: reading it would hang or fail obscurely)."""
     names = (*layout.train_files, layout.test_file, layout.meta_file)
-    return [name for name in names if not (directory / name).is_file()]
+    return [name for name in names if not _present(directory / name)]
+
+
+def _present(path: Path) -> bool:
+    if path.exists() or path.is_symlink():
+        regular_file(path, "CIFAR batch")
+        return True
+    return False
 
 
 def _unpickle(path: Path) -> dict:
+    path = regular_file(path, "CIFAR batch")
     try:
         with path.open("rb") as handle:
             content = _NumpyOnlyUnpickler(handle, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as exc:
-        raise MudscError(f"{path}: cannot unpickle CIFAR batch ({exc}); re-download it") from exc
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError,
+            IndexError, MemoryError, RecursionError) as exc:  # fmt: skip
+        raise DataError(f"{path}: cannot unpickle CIFAR batch ({exc}); re-download it") from exc
     if not isinstance(content, dict):
-        raise MudscError(f"{path}: expected a pickled dict, found {type(content).__name__}")
+        raise DataError(f"{path}: expected a pickled dict, found {type(content).__name__}")
     return content
 
 
@@ -103,20 +114,20 @@ def _read_batch(path: Path, layout: CifarLayout) -> tuple[np.ndarray, np.ndarray
     content = _unpickle(path)
     for key in (b"data", layout.label_key):
         if key not in content:
-            raise MudscError(f"{path}: batch has no {key!r} entry; is this the right CIFAR?")
+            raise DataError(f"{path}: batch has no {key!r} entry; is this the right CIFAR?")
     data = np.asarray(content[b"data"])
     labels = np.asarray(content[layout.label_key])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _PIXELS:
-        raise MudscError(
+        raise DataError(
             f"{path}: b'data' must be uint8 rows of {_PIXELS} pixels, got {data.dtype} "
             f"with shape {data.shape}"
         )
     if labels.ndim != 1 or len(labels) != len(data):
-        raise MudscError(
+        raise DataError(
             f"{path}: {len(data)} images but {labels.size} labels; the batch is corrupt"
         )
     if labels.size and (labels.min() < 0 or labels.max() >= layout.num_classes):
-        raise MudscError(
+        raise DataError(
             f"{path}: labels must lie in [0, {layout.num_classes - 1}], found "
             f"[{labels.min()}, {labels.max()}]"
         )
@@ -136,7 +147,7 @@ def _class_names(directory: Path, layout: CifarLayout) -> list[str]:
     path = directory / layout.meta_file
     names = _unpickle(path).get(layout.names_key)
     if not isinstance(names, list) or len(names) != layout.num_classes:
-        raise MudscError(
+        raise DataError(
             f"{path}: expected {layout.num_classes} class names under {layout.names_key!r}"
         )
     return [n.decode() if isinstance(n, bytes) else str(n) for n in names]

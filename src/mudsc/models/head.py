@@ -10,14 +10,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mudsc.errors import MudscError
+from mudsc.data.files import load_tensors
+from mudsc.errors import ConfigError, DataError
+from mudsc.inputs import regular_file
+from mudsc.models.registry import check_memory, given
 
-_SUFFIXES = (".safetensors", ".pt", ".npy")
+_SUFFIXES = (".safetensors", ".pt", ".npz", ".npy")
 
 
 class ClassEmbeddingHead(nn.Module):
@@ -29,14 +31,16 @@ class ClassEmbeddingHead(nn.Module):
         super().__init__()
         if not isinstance(embeddings, Tensor) or embeddings.dim() != 2 or 0 in embeddings.shape:
             shape = tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings)
-            raise MudscError(
+            raise DataError(
                 f"class embeddings must be a non-empty (num_classes x dim) tensor, got {shape}"
             )
+        if embeddings.is_complex() or embeddings.dtype == torch.bool:
+            raise DataError(f"class embeddings must be real numbers, got dtype {embeddings.dtype}")
         embeddings = embeddings.detach().to(torch.float32).clone()
         if not torch.isfinite(embeddings).all():
-            raise MudscError("class embeddings contain NaN or infinite values; fix the source")
+            raise DataError("class embeddings contain NaN or infinite values; fix the source")
         if (embeddings.norm(dim=1) == 0).any():
-            raise MudscError("a class embedding is all zeros, so its cosine is undefined")
+            raise DataError("a class embedding is all zeros, so its cosine is undefined")
         self.register_buffer("embeddings", embeddings)
         self._config = dict(config) if config is not None else None
 
@@ -53,7 +57,7 @@ class ClassEmbeddingHead(nn.Module):
     ) -> Tensor:
         """Logits ``scale * cos(features, embeddings[classes])``, shape (B, len(classes))."""
         if features.dim() != 2 or features.shape[1] != self.dim:
-            raise MudscError(
+            raise ConfigError(
                 f"features of shape {tuple(features.shape)} do not match the class embeddings "
                 f"(dim {self.dim}); the model's embed_dim must equal the head's dim"
             )
@@ -62,7 +66,7 @@ class ClassEmbeddingHead(nn.Module):
             index = list(classes)
             bad = [c for c in index if not 0 <= int(c) < self.num_classes]
             if bad or not index:
-                raise MudscError(
+                raise ConfigError(
                     f"class indices {bad or index} are invalid: need a non-empty list of "
                     f"indices in [0, {self.num_classes})"
                 )
@@ -74,13 +78,18 @@ class ClassEmbeddingHead(nn.Module):
     @classmethod
     def orthonormal(cls, num_classes: int, dim: int = 512, seed: int = 0) -> ClassEmbeddingHead:
         """Deterministic orthonormal embeddings: QR of a Gaussian drawn from ``seed``."""
+        for name, value in (("num_classes", num_classes), ("dim", dim), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"head {name} must be an integer, got {given(value)}")
         if num_classes < 1 or dim < 1:
-            raise MudscError(f"need num_classes >= 1 and dim >= 1, got {num_classes}, {dim}")
+            raise ConfigError(f"need num_classes >= 1 and dim >= 1, got {num_classes}, {dim}")
         if num_classes > dim:
-            raise MudscError(
+            raise ConfigError(
                 f"cannot make {num_classes} orthonormal vectors in {dim} dimensions; "
                 f"use dim >= num_classes"
             )
+        # the float64 Gaussian and its Q factor: refused before a too-large draw
+        check_memory(2 * 8 * dim * num_classes, f"a {num_classes} x {dim} class-embedding head")
         gen = torch.Generator().manual_seed(int(seed))
         gauss = torch.randn(dim, num_classes, generator=gen, dtype=torch.float64)
         q, r = torch.linalg.qr(gauss)
@@ -91,22 +100,25 @@ class ClassEmbeddingHead(nn.Module):
 
     @classmethod
     def from_file(cls, path: str | Path) -> ClassEmbeddingHead:
-        """Load a (num_classes x dim) tensor from .safetensors (key "embeddings"), .pt or .npy."""
+        """Load a (num_classes x dim) tensor from .safetensors / .npz (key "embeddings"), .pt
+        (a tensor, or a dict with that key) or .npy."""
         path = Path(path)
-        if not path.is_file():
-            raise MudscError(f"class-embedding file {path} does not exist")
         if path.suffix not in _SUFFIXES:
-            raise MudscError(
+            raise DataError(
                 f"class-embedding file {path} has unsupported type {path.suffix!r}; "
                 f"use one of {', '.join(_SUFFIXES)}"
             )
-        try:
-            tensor = _load_tensor(path)
-        except MudscError:
-            raise
-        except Exception as exc:  # any parser failure means a corrupt or foreign file
-            raise MudscError(f"cannot read class embeddings from {path}: {exc}") from exc
-        head = cls(tensor)
+        value = load_tensors(regular_file(path, "class-embedding file"))
+        if isinstance(value, Mapping):
+            if "embeddings" not in value:
+                raise DataError(
+                    f"{path} has no tensor named 'embeddings' (found {sorted(value)[:10]}); "
+                    f"save the table under the key 'embeddings'"
+                )
+            value = value["embeddings"]
+        if not isinstance(value, Tensor):
+            raise DataError(f"{path} does not hold a tensor (got {type(value).__name__})")
+        head = cls(value)
         head._config = {
             "kind": "file", "path": str(path), "num_classes": head.num_classes, "dim": head.dim,
         }  # fmt: skip
@@ -123,50 +135,28 @@ class ClassEmbeddingHead(nn.Module):
     def from_config(cls, cfg: Mapping[str, Any]) -> ClassEmbeddingHead:
         """Rebuild a head from :meth:`to_config` output."""
         kind = cfg.get("kind") if isinstance(cfg, Mapping) else None
-        try:
-            if kind == "orthonormal":
-                return cls.orthonormal(int(cfg["num_classes"]), int(cfg["dim"]), int(cfg["seed"]))
-            if kind == "file":
-                head = cls.from_file(cfg["path"])
-                expected = (cfg.get("num_classes", head.num_classes), cfg.get("dim", head.dim))
-                if (head.num_classes, head.dim) != tuple(expected):
-                    raise MudscError(
-                        f"class-embedding file {cfg['path']} holds {head.num_classes}x{head.dim} "
-                        f"embeddings but the config expects {expected[0]}x{expected[1]}"
-                    )
-                return head
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MudscError(f"class-embedding head config {cfg!r} is incomplete: {exc}") from exc
+        if kind == "orthonormal":
+            missing = [k for k in ("num_classes", "dim", "seed") if k not in cfg]
+            if missing:
+                raise ConfigError(f"class-embedding head config lacks {missing[0]!r}")
+            return cls.orthonormal(cfg["num_classes"], cfg["dim"], cfg["seed"])
+        if kind == "file":
+            path = cfg.get("path")
+            if not isinstance(path, str):
+                raise ConfigError(f"class-embedding head config needs a 'path', got {given(path)}")
+            head = cls.from_file(cfg["path"])
+            expected = (cfg.get("num_classes", head.num_classes), cfg.get("dim", head.dim))
+            if (head.num_classes, head.dim) != tuple(expected):
+                raise ConfigError(
+                    f"class-embedding file {cfg['path']} holds {head.num_classes}x{head.dim} "
+                    f"embeddings but the config expects {given(expected[0])}x{given(expected[1])}"
+                )
+            return head
         if kind == "tensor":
-            raise MudscError(
+            raise ConfigError(
                 "a class-embedding head config of kind 'tensor' carries no values; build the "
                 "head with ClassEmbeddingHead(embeddings) or save them and use from_file"
             )
-        raise MudscError(f"class-embedding head config {cfg!r} needs kind 'orthonormal' or 'file'")
-
-
-def _load_tensor(path: Path) -> Tensor:
-    """Read the embedding tensor from one of the supported file types."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        data = load_file(str(path))
-        if "embeddings" not in data:
-            raise MudscError(
-                f"{path} has no tensor named 'embeddings' (found {sorted(data)}); "
-                f"save the table under the key 'embeddings'"
-            )
-        return data["embeddings"]
-    if path.suffix == ".pt":
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, Mapping):
-            if "embeddings" not in obj:
-                raise MudscError(f"{path} holds a dict without the key 'embeddings'")
-            obj = obj["embeddings"]
-        if not isinstance(obj, Tensor):
-            raise MudscError(f"{path} does not hold a tensor (got {type(obj).__name__})")
-        return obj
-    array = np.load(path, allow_pickle=False)
-    if not np.issubdtype(array.dtype, np.number):
-        raise MudscError(f"{path} holds a non-numeric array ({array.dtype})")
-    return torch.from_numpy(np.asarray(array, dtype=np.float32))
+        raise ConfigError(
+            f"class-embedding head config {given(cfg)} needs kind 'orthonormal' or 'file'"
+        )
