@@ -25,6 +25,7 @@ from safetensors.torch import load, save
 
 from mudsc import __version__
 from mudsc.atomic import atomic_directory
+from mudsc.checkpoint_config import check_checkpoint_config
 from mudsc.errors import CheckpointError, CorruptCheckpointError, MudscError
 from mudsc.inputs import regular_file
 from mudsc.models import create
@@ -149,8 +150,7 @@ def _read_config(file: Path) -> dict[str, Any]:
     if not isinstance(config, dict) or "arch" not in config:
         raise CheckpointError(f"{file} is incomplete: it names no architecture ('arch'), so "
                               f"{file.parent} is not a mudsc checkpoint")  # fmt: skip
-    if not isinstance(config.get("arch_args", {}), Mapping):
-        raise CheckpointError(f"{file}: 'arch_args' must be a mapping of arguments")
+    config = check_checkpoint_config(config, file)
     hashes = config.get(HASHES, {})
     if not (isinstance(hashes, Mapping) and all(isinstance(v, str) for v in hashes.values())):
         raise CorruptCheckpointError(f"{file}: '{HASHES}' is not a mapping of file digests; "

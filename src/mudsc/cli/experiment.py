@@ -77,6 +77,7 @@ def experiment_command(
     Interrupted runs resume: finished checkpoints and merge results are reused.
     """
     from mudsc.experiments import check_experiment, load_config, run_experiment
+    from mudsc.experiments.config import check_output_dir
 
     regular_file(config, "experiment config", ConfigError)
     if output is not None:
@@ -85,7 +86,7 @@ def experiment_command(
     if output is None:
         check_output(Path(cfg.output_dir))
     else:
-        cfg = replace(cfg, output_dir=str(output))
+        cfg = replace(cfg, output_dir=check_output_dir(str(output), Path(config).parent))
     dev = resolve_device(device)
     if dry_run:
         plan = check_experiment(cfg)

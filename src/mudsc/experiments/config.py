@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from mudsc.atomic import EXPERIMENT_MARKER
 from mudsc.errors import ConfigError, MudscError
 from mudsc.inputs import regular_file
 from mudsc.merge import ALPHA_GRID, MergeConfig
@@ -473,7 +474,8 @@ def check_output_dir(value: str, config_dir: Path | None = None) -> str:
     Refused: a path starting with ``~`` (mudsc does not expand it), and any folder that is,
     or lies above, the current folder, the home folder or the config file's folder (the
     filesystem root is above all of them): an experiment writes and cleans its folder, so
-    it must be one of its own.
+    it must be one of its own.  The exception is an experiment folder's own config copy,
+    which may name that folder (resuming from the copy).
     """
     if value.startswith("~"):
         raise ConfigError(
@@ -486,8 +488,11 @@ def check_output_dir(value: str, config_dir: Path | None = None) -> str:
         protected.append(("your home folder", Path.home()))
     except RuntimeError:  # no home folder known: nothing to protect there
         pass
-    if config_dir is not None:
+    if config_dir is not None and not (Path(config_dir) / EXPERIMENT_MARKER).is_file():
+        # an experiment folder's own config copy may name that folder: that is a resume
         protected.append(("the config file's folder", Path(config_dir)))
+    elif config_dir is not None:
+        protected.append(("a folder above the config file's", Path(config_dir).parent))
     for label, folder in protected:
         folder = folder.resolve()
         if target == folder or target in folder.parents:
