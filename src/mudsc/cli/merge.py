@@ -181,10 +181,13 @@ def merge_command(
         file = read_tensor_file(regular_file(calibration, "--calibration file"))
         file = file.head(calibration_size)
     if kind == "hf":
-        result, card = _merge_hf(checkpoints, output, file, batch_size, config, force)
+        merged = _merge_hf(checkpoints, output, file, batch_size, config, force)
     else:
         source = file if file is not None else (data, data_dir, calibration_size or 1000)
-        result, card = _merge_checkpoints(checkpoints, output, source, batch_size, config, force)
+        merged = _merge_checkpoints(checkpoints, output, source, batch_size, config, force)
+    if merged is None:  # a rank other than 0: rank 0 saves and reports
+        return
+    result, card = merged
     if as_json:
         emit_json({"output": str(output), **card})
     else:
@@ -204,7 +207,7 @@ def _merge_hf(
     batch_size: int,
     config: MergeConfig,
     force: bool,
-) -> tuple[MergeResult, dict[str, Any]]:
+) -> tuple[MergeResult, dict[str, Any]] | None:
     """Merge Hugging Face directories on the file's inputs; save a Hugging Face directory."""
     from mudsc.hf import load_hf_model, save_hf_model
 
@@ -227,7 +230,7 @@ def _merge_hf(
     score_fn = _logits_score(held, dev, batch_size)
     result = _run(models, split_batches(fit.to(dev), batch_size), config, score_fn)
     if not distributed.is_root():
-        return
+        return None
     card = _card(result, paths, {"file": str(file.path), "inputs": len(file)})
     if score_fn is not None:
         card["alpha_score"] = "accuracy of argmax(logits) on a held-out labelled slice"
@@ -243,7 +246,7 @@ def _merge_checkpoints(
     batch_size: int,
     config: MergeConfig,
     force: bool,
-) -> tuple[MergeResult, dict[str, Any]]:
+) -> tuple[MergeResult, dict[str, Any]] | None:
     """Merge mudsc checkpoints on a file's inputs or a dataset draw; save a checkpoint."""
     from mudsc.checkpoint import load_checkpoint, save_checkpoint
 
@@ -262,7 +265,7 @@ def _merge_checkpoints(
     score_fn = _held_out_score(held, head, tasks, dev, batch_size)
     result = _run([ck.model for ck in loaded], batches, config, score_fn)
     if not distributed.is_root():
-        return
+        return None
     card = _card(result, paths, provenance)
     if score_fn is not None:
         card["alpha_score"] = "average per-task accuracy on a held-out labelled slice"
