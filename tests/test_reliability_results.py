@@ -24,7 +24,7 @@ from mudsc.data import (
     load_dataset,
 )
 from mudsc.data.base import channel_stats
-from mudsc.errors import CheckpointError, ConfigError, DataError
+from mudsc.errors import CheckpointError, ConfigError, DataError, SpecError
 from mudsc.evaluate import evaluate
 from mudsc.merge import MergeConfig, merge_models
 from mudsc.models import create
@@ -305,3 +305,20 @@ def test_other_library_arguments_are_config_errors(head) -> None:
         stages.check_models([mlp(0)])
     with pytest.raises(DataError, match="16 images but 15 labels"):
         evaluate(mlp(), images(), labels(15), TASKS, head)
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "words"),
+    [
+        (lambda m, b: merge_models([m, m], b, {"method": "zipit"}), ConfigError,
+         "config must be a MergeConfig"),
+        (lambda m, b: merge_models([1, m], b), ConfigError, "model 0 is of type int"),
+        (lambda m, b: merge_models([m, m], [()]), DataError, "empty tuple"),
+        (lambda m, b: merge_models([m, m], b, spec={}), SpecError, "spec must be a MergeSpec"),
+    ],
+)  # fmt: skip
+def test_wrong_argument_types_to_merge_models_are_one_line(call, error, words) -> None:
+    model = create("mlp", in_channels=1, image_size=8, embed_dim=6, width=0.05)
+    batches = [torch.randn(16, 1, 8, 8) for _ in range(2)]
+    with pytest.raises(error, match=words):
+        call(model, batches)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mudsc import __version__
-from mudsc.errors import ConfigError
+from mudsc.errors import ConfigError, SpecError
 from mudsc.methods import METHODS, Method
 from mudsc.progress import Progress
 from mudsc.renorm import REPAIR_MODES
@@ -238,6 +238,12 @@ def merge_models(
     serve the whole grid.
     """
     cfg = config or MergeConfig()
+    if not isinstance(cfg, MergeConfig):
+        raise ConfigError(f"config must be a MergeConfig (e.g. MergeConfig(method='zipit')), "
+                          f"got a {type(cfg).__name__}")  # fmt: skip
+    if spec is not None and not isinstance(spec, MergeSpec):
+        raise SpecError(f"spec must be a MergeSpec (mudsc.trace or MergeSpec.from_json), got a "
+                        f"{type(spec).__name__}")  # fmt: skip
     method = METHODS[cfg.method]
     inputs = prepare_stage(
         models, data, cfg.method, method.needs_activations, cfg.repair, cfg.device, example_input

@@ -59,6 +59,12 @@ def check_models(models: Sequence[nn.Module]) -> None:
     """Same architecture, same shapes, finite weights: fail before any work."""
     if len(models) < 2:
         raise ConfigError(f"merging needs at least two models, got {len(models)}")
+    for i, model in enumerate(models):
+        if not isinstance(model, nn.Module):
+            raise ConfigError(
+                f"model {i} is of type {type(model).__name__}, not a torch.nn.Module; "
+                "load it first (mudsc.load_checkpoint or your own code)"
+            )
     ref_type = type(models[0])
     ref = models[0].state_dict()
     for i, model in enumerate(models):
@@ -92,6 +98,9 @@ def materialise(data: Iterable[Any] | None) -> list[Tensor]:
         return []
     batches = []
     for b in data:
+        if isinstance(b, (tuple, list)) and not b:
+            raise DataError("a calibration batch is an empty tuple; give tensors, or "
+                            "(inputs, labels) pairs")  # fmt: skip
         x = b[0] if isinstance(b, (tuple, list)) else b
         if not isinstance(x, Tensor):
             raise DataError(f"calibration batches must be tensors, got {type(x).__name__}")
