@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from mudsc.cache import BoundedCache, budget_for
 from mudsc.progress import Progress
 from mudsc.similarity import Similarity, WeightKind, WeightSimilarity
 from mudsc.solvers import Solver, block_scores, pair_blocks
@@ -171,16 +172,16 @@ class SweepEngine:
         # Version stamps are unique across calls, so caches kept by the engine never go
         # stale.
         versions = {name: next(self.stamps) for name in matches}
-        cached: dict[str, tuple[tuple[int, ...], Tensor]] = {}
+        cached: BoundedCache[Tensor] = BoundedCache(budget_for(self.states))
         solved: dict[int, tuple[tuple[int, ...], ...]] = {}  # group -> keys it was solved for
 
         def similarity(space: Space) -> tuple[tuple[int, ...], Tensor]:
             key = tuple(versions[q] for q in self.neighbours[space.name])
-            hit = cached.get(space.name)
-            if hit is None or hit[0] != key:
-                hit = (key, self.space_similarity(space, matches, alpha, versions))
-                cached[space.name] = hit
-            return hit
+            sim = cached.get(space.name, key)
+            if sim is None:
+                sim = self.space_similarity(space, matches, alpha, versions)
+                cached.put(space.name, key, sim, sim.nbytes)
+            return key, sim
 
         for sweep in range(limits.max_sweeps):
             sweeps = sweep + 1

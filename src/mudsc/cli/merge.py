@@ -136,6 +136,9 @@ def merge_command(
     ),
     device: str = typer.Option("cpu"),
     force: bool = typer.Option(False, help="Replace an existing output directory."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print spaces, memory per stage and forward passes; exit."
+    ),
     *,
     settings: dict[str, Any],
 ) -> None:
@@ -152,6 +155,11 @@ def merge_command(
                          "--calibration FILE, not both")  # fmt: skip
     kind = source_kind(checkpoints)
     file = read_tensor_file(calibration).head(calibration_size) if calibration else None
+    if dry_run:
+        from mudsc.cli.dry_run import dry_run as report_dry_run
+
+        dataset = (data, data_dir, calibration_size or 1000)
+        return report_dry_run(checkpoints, kind, file, dataset, batch_size, config)
     if kind == "hf":
         _merge_hf(checkpoints, output, file, batch_size, config, force)
     else:
