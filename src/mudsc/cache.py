@@ -19,8 +19,9 @@ from mudsc.memory import available_bytes
 
 V = TypeVar("V")
 
-CACHE_SHARE = 0.25
-"""Share of the free memory (when the cache is made) one sweep cache may hold."""
+CACHE_SHARE = 0.15
+"""Share of the free memory (when the cache is made) one sweep cache may hold: the two
+caches of a sweep leave 70 % of it to the rest of the merge."""
 
 
 def default_budget(device: torch.device | str) -> int | None:

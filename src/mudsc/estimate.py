@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from mudsc.cache import CACHE_SHARE
 from mudsc.errors import ResourceError
 from mudsc.layers import prefers_channels_last
 from mudsc.memory import available_bytes
@@ -97,8 +98,9 @@ class MergeEstimate:
         }
 
 
-def gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+def human(n: float) -> str:
+    """Bytes as MiB below a GiB, else GiB."""
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 
 # --- forward sizing ---------------------------------------------------------------------
@@ -141,7 +143,10 @@ def _hooks(model: nn.Module, spec: MergeSpec, sizes: dict[str, float]) -> Iterat
                 stack.callback(h.remove)
         for space in spec.mergeable:
             for tap in space.taps:
-                module = model.get_submodule(tap.module)
+                try:
+                    module = model.get_submodule(tap.module)
+                except AttributeError:
+                    continue  # the statistics stage names the missing module
                 n = space.size * tap.inner
 
                 def add(x: Any, key: str = space.name, axis: int = tap.axis, n: int = n) -> None:
@@ -149,7 +154,9 @@ def _hooks(model: nn.Module, spec: MergeSpec, sizes: dict[str, float]) -> Iterat
 
                 if tap.side == "input":
                     h = module.register_forward_pre_hook(
-                        lambda _m, args, add=add, arg=tap.arg: add(args[arg])
+                        lambda _m, args, add=add, arg=tap.arg: add(
+                            args[arg] if arg < len(args) else None
+                        )
                     )
                 else:
                     h = module.register_forward_hook(
@@ -245,7 +252,7 @@ def estimate_merge(
         parts = max((tensors[s.name] * s.matrix_bytes for s in spaces), default=0)
         transformed = 3 * n * _largest_tensor(models[0].state_dict())
         stages["sweeps"] = layout + sims + 2 * matches + parts + widest * WORKING_COPIES
-        stages["sweeps"] += transformed
+        stages["sweeps"] += transformed + _sweep_caches(spaces, tensors, config.device)
     candidates = _candidates(method, config)
     kept = 2 if len(candidates) > 1 else 1
     stages["apply"] = (
@@ -268,6 +275,16 @@ def estimate_merge(
         examples=sum(len(b) for b in batches),
         notes=_notes(spaces),
     )
+
+
+def _sweep_caches(spaces: Sequence[SpaceSize], tensors: dict[str, int], device: str) -> int:
+    """What the sweeps' two bounded caches (weight parts per tensor, similarity per space)
+    hold when full, each capped at its share of the free memory (mudsc.cache)."""
+    free = available_bytes(device)
+    cap = None if free is None else int(free * CACHE_SHARE)
+    parts = sum(tensors[s.name] * s.matrix_bytes for s in spaces)
+    sims = sum(s.matrix_bytes for s in spaces)
+    return sum(full if cap is None else min(full, cap) for full in (parts, sims))
 
 
 def _candidates(method: Method, config: MergeConfig) -> list[float | None]:
@@ -298,7 +315,7 @@ def _notes(spaces: Sequence[SpaceSize]) -> tuple[str, ...]:
         return ()
     widest = max(spaces, key=lambda s: s.stacked)
     return (f"widest space {widest.name}: {widest.stacked} stacked units, "
-            f"{gib(widest.matrix_bytes)} per (N*n)^2 float64 matrix",)  # fmt: skip
+            f"{human(widest.matrix_bytes)} per (N*n)^2 float64 matrix",)  # fmt: skip
 
 
 def check_memory(estimate: MergeEstimate) -> None:
@@ -307,12 +324,12 @@ def check_memory(estimate: MergeEstimate) -> None:
     free = available_bytes(estimate.device)
     if free is None:
         return
-    log.info("estimated peak %s (%s); %s free on %s", gib(estimate.peak_bytes),
-             estimate.peak_stage, gib(free), estimate.device)  # fmt: skip
+    log.info("estimated peak %s (%s); %s free on %s", human(estimate.peak_bytes),
+             estimate.peak_stage, human(free), estimate.device)  # fmt: skip
     if estimate.peak_bytes > free:
         raise ResourceError(
-            f"this merge needs an estimated {gib(estimate.peak_bytes)} more memory "
-            f"(peak in {estimate.peak_stage}) but {estimate.device} has {gib(free)} free; "
+            f"this merge needs an estimated {human(estimate.peak_bytes)} more memory "
+            f"(peak in {estimate.peak_stage}) but {estimate.device} has {human(free)} free; "
             "use fewer models, smaller calibration batches or a partial merge (stop_at), or "
             "pass --no-memory-check (memory_check=False) if you know better"
         )

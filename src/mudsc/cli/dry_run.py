@@ -10,7 +10,7 @@ import torch
 from mudsc.cli.common import console
 from mudsc.data.files import TensorFile, split_batches
 from mudsc.errors import MudscError
-from mudsc.estimate import MergeEstimate, gib, plan_merge
+from mudsc.estimate import MergeEstimate, human, plan_merge
 from mudsc.memory import available_bytes
 from mudsc.merge import MergeConfig
 
@@ -63,19 +63,20 @@ def report(estimate: MergeEstimate) -> None:
     e = estimate
     head = f"dry run: {e.method}, {e.n_models} models on {e.device}, {e.batches} calibration"
     console.print(f"{head} batches ({e.examples} inputs); nothing was run or written")
-    console.print(f"{'space':<40} {'n':>6} {'groups':>6} {'N*n':>7} {'(N*n)^2 f64':>12} stats")
+    w = max((len(s.name) for s in e.spaces), default=5)
+    console.print(f"{'space':<{w}} {'n':>6} {'groups':>6} {'N*n':>7} {'(N*n)^2 f64':>12} stats")
     for s in e.spaces:
-        console.print(f"{s.name:<40} {s.size:>6} {s.groups:>6} {s.stacked:>7} "
-                      f"{gib(s.matrix_bytes):>12} {'yes' if s.observed else 'no'}")  # fmt: skip
-    console.print(f"memory above the loaded sources ({gib(e.source_bytes)}):")
+        console.print(f"{s.name:<{w}} {s.size:>6} {s.groups:>6} {s.stacked:>7} "
+                      f"{human(s.matrix_bytes):>12} {'yes' if s.observed else 'no'}")  # fmt: skip
+    console.print(f"memory above the loaded sources ({human(e.source_bytes)}):")
     for stage, size in e.stages.items():
-        console.print(f"  {stage:<12} {gib(size):>12}")
+        console.print(f"  {stage:<12} {human(size):>12}")
     free = available_bytes(e.device)
     verdict = "unknown free memory" if free is None else (
-        f"{gib(free)} free: fits" if e.peak_bytes <= free else
-        f"{gib(free)} free: would NOT fit (the merge refuses; --no-memory-check overrides)"
+        f"{human(free)} free: fits" if e.peak_bytes <= free else
+        f"{human(free)} free: would NOT fit (the merge refuses; --no-memory-check overrides)"
     )  # fmt: skip
-    console.print(f"  {'peak':<12} {gib(e.peak_bytes):>12} ({e.peak_stage}); {verdict}")
+    console.print(f"  {'peak':<12} {human(e.peak_bytes):>12} ({e.peak_stage}); {verdict}")
     passes = ", ".join(f"{k} {v}" for k, v in e.passes.items())
     console.print(f"forward passes over the calibration data (one model, every batch): {passes}")
     for note in e.notes:
