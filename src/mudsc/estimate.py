@@ -99,7 +99,9 @@ class MergeEstimate:
 
 
 def human(n: float) -> str:
-    """Bytes as MiB below a GiB, else GiB."""
+    """Bytes as KiB below a MiB, MiB below a GiB, else GiB."""
+    if n < 2**20:
+        return f"{n / 2**10:.1f} KiB"
     return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
 
 

@@ -149,7 +149,9 @@ class SweepEngine:
 
     def initial(self) -> dict[str, Match]:
         """Activation solution where activations are used, identity otherwise."""
-        matches = {s.name: identity_match(s.size, self.n) for s in self.spec.mergeable}
+        device = next((t.device for t in self.states[0].values()), torch.device("cpu"))
+        # on the states' device: a re-solved match (there) is compared with torch.equal
+        matches = {s.name: identity_match(s.size, self.n).to(device) for s in self.spec.mergeable}
         if self.similarity is None or not self.similarity.activations:
             return matches
         for group in self.groups:
