@@ -254,7 +254,8 @@ def estimate_merge(
         parts = max((tensors[s.name] * s.matrix_bytes for s in spaces), default=0)
         transformed = 3 * n * _largest_tensor(models[0].state_dict())
         stages["sweeps"] = layout + sims + 2 * matches + parts + widest * WORKING_COPIES
-        stages["sweeps"] += transformed + _sweep_caches(spaces, tensors, config.device)
+        caches = _sweep_caches(spaces, tensors, config.device, held=sims + 2 * matches)
+        stages["sweeps"] += transformed + caches
     candidates = _candidates(method, config)
     kept = 2 if len(candidates) > 1 else 1
     stages["apply"] = (
@@ -279,11 +280,14 @@ def estimate_merge(
     )
 
 
-def _sweep_caches(spaces: Sequence[SpaceSize], tensors: dict[str, int], device: str) -> int:
+def _sweep_caches(
+    spaces: Sequence[SpaceSize], tensors: dict[str, int], device: str, held: int
+) -> int:
     """What the sweeps' two bounded caches (weight parts per tensor, similarity per space)
-    hold when full, each capped at its share of the free memory (mudsc.cache)."""
+    hold when full, each capped at its share of the memory still free when the sweeps
+    start (``held`` bytes of similarities and matches are taken by then; mudsc.cache)."""
     free = available_bytes(device)
-    cap = None if free is None else int(free * CACHE_SHARE)
+    cap = None if free is None else int(max(free - held, 0) * CACHE_SHARE)
     parts = sum(tensors[s.name] * s.matrix_bytes for s in spaces)
     sims = sum(s.matrix_bytes for s in spaces)
     return sum(full if cap is None else min(full, cap) for full in (parts, sims))

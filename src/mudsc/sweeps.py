@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -198,12 +198,20 @@ class SweepEngine:
                 for sp, m in zip(group, result, strict=True):
                     if not torch.equal(m.unmerge, matches[sp.name].unmerge):
                         versions[sp.name] = next(self.stamps)
-                    matches[sp.name] = m
+                    matches[sp.name] = _shared(m, matches[sp.name])
             if self.progress:
                 self.progress("weight sweeps", sweeps, limits.max_sweeps)
             if best.stalled(matches):
                 break
         return best.matches, sweeps
+
+
+def _shared(new: Match, old: Match) -> Match:
+    """``new``, holding ``old``'s tensors when they are equal: the start, the best and the
+    current sweep then share one copy of every unchanged (N*n, n) matrix pair."""
+    if torch.equal(new.unmerge, old.unmerge) and torch.equal(new.merge, old.merge):
+        return replace(new, merge=old.merge, unmerge=old.unmerge)
+    return new
 
 
 class _Best:
