@@ -28,6 +28,8 @@ _EXPORTS = {
     "merge_models": "mudsc.merge",
     "MergeConfig": "mudsc.merge",
     "MergeResult": "mudsc.merge",
+    "estimate_merge": "mudsc.estimate",
+    "plan_merge": "mudsc.estimate",
     "METHODS": "mudsc.methods",
     "Method": "mudsc.methods",
     "evaluate": "mudsc.evaluate",

@@ -17,7 +17,9 @@ from torch import Tensor, nn
 
 from mudsc import __version__
 from mudsc.errors import ConfigError, SpecError
+from mudsc.estimate import check_memory, estimate_merge
 from mudsc.methods import METHODS, Method
+from mudsc.precision import check_precision
 from mudsc.progress import Progress
 from mudsc.renorm import REPAIR_MODES
 from mudsc.similarity import ALPHA, Similarity
@@ -88,6 +90,14 @@ class MergeConfig:
         default=None,
         metadata=_help("partial zip: module path or number of spaces to merge, then heads"),
     )
+    precision: str = field(
+        default="fp32",
+        metadata=_help("forward precision of the statistics passes: fp32, bf16 or tf32 (cuda)"),
+    )
+    memory_check: bool = field(
+        default=True,
+        metadata=_help("refuse a merge whose estimated peak memory exceeds what is free"),
+    )
 
     def __post_init__(self) -> None:
         METHODS.get(self.method)
@@ -107,6 +117,7 @@ class MergeConfig:
         if self.stats_dtype not in ("float32", "float64"):
             raise ConfigError("stats_dtype must be 'float32' or 'float64'")
         _check_device(self.device)
+        check_precision(self.precision, self.device)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -255,12 +266,14 @@ def merge_models(
     with timer.stage("trace"):
         traced = trace_stage(inputs.models[0], spec, inputs.example, cfg.stop_at)
     sources, batches = layout_stage(inputs.models, inputs.batches)
+    if cfg.memory_check:
+        check_memory(estimate_merge(sources, traced.spec, batches, cfg))
     fit, held = split_holdout(batches, cfg.holdout) if held_out else (batches, [])
     s_act: dict[str, Tensor] = {}
     if method.needs_activations:
         with timer.stage("statistics"):
             moments = statistics_stage(
-                sources, traced.spec, fit, cfg.device, cfg.stats_dtype, progress
+                sources, traced.spec, fit, cfg.device, cfg.stats_dtype, progress, cfg.precision
             )
             s_act = activation_similarities(moments)
     states = [{k: v.detach() for k, v in m.state_dict().items()} for m in sources]

@@ -28,6 +28,7 @@ from mudsc.evaluate import check_finite_weights, check_input_shape
 from mudsc.layers import prefers_channels_last
 from mudsc.modes import eval_mode
 from mudsc.partial import PartialMerge, build_partial, resolve_stop, trunk_spaces
+from mudsc.precision import forward_precision
 from mudsc.progress import Progress, tracked
 from mudsc.renorm import apply_repair, reset_batchnorm, resolve_mode
 from mudsc.similarity import WeightSimilarity, activation_similarity, dead_units, with_dead_ties
@@ -279,10 +280,12 @@ def statistics_stage(
     device: str,
     dtype: str,
     progress: Progress | None = None,
+    precision: str = "fp32",
 ) -> dict[str, SpaceMoments]:
     """Activation moments of every mergeable space that has taps (the others are matched
-    on weights alone).  Fewer than 2 samples are refused (no variance exists); too few to
-    estimate a space's correlations are warned about (:func:`warn_thin_statistics`)."""
+    on weights alone); the forward passes run in ``precision`` (mudsc.precision).  Fewer
+    than 2 samples are refused (no variance exists); too few to estimate a space's
+    correlations are warned about (:func:`warn_thin_statistics`)."""
     samples = sum(len(b) for b in batches)
     if samples < 2:
         raise DataError(
@@ -301,14 +304,15 @@ def statistics_stage(
             shuffled,
         )
         tapped = [name for name in tapped if name not in shuffled]
-    moments = collect_moments(
-        models,
-        spec,
-        tracked(batches, "statistics", progress),
-        torch.device(device),
-        spaces=tapped,
-        dtype=torch.float64 if dtype == "float64" else torch.float32,
-    )
+    with forward_precision(precision, device):
+        moments = collect_moments(
+            models,
+            spec,
+            tracked(batches, "statistics", progress),
+            torch.device(device),
+            spaces=tapped,
+            dtype=torch.float64 if dtype == "float64" else torch.float32,
+        )
     warn_thin_statistics(moments, samples)
     return moments
 
@@ -336,8 +340,10 @@ def warn_thin_statistics(moments: Mapping[str, SpaceMoments], samples: int) -> N
     )  # fmt: skip
 
 
-def activation_similarities(moments: Mapping[str, SpaceMoments]) -> dict[str, Tensor]:
-    return {name: activation_similarity(m) for name, m in moments.items()}
+def activation_similarities(moments: dict[str, SpaceMoments]) -> dict[str, Tensor]:
+    """The similarity of every space; ``moments`` is emptied as it goes (each space's
+    (N*n)^2 moments are freed once converted, so the two are never all held at once)."""
+    return {name: activation_similarity(moments.pop(name)) for name in list(moments)}
 
 
 # --- dead-unit ties ----------------------------------------------------------------------

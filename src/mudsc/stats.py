@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from mudsc import distributed
 from mudsc.errors import ConfigError, DataError, SpecError
 from mudsc.modes import eval_mode
+from mudsc.precision import full_precision
 from mudsc.spaces import permute_state, random_permutations
 from mudsc.spaces.spec import MergeSpec, Space, Tap
 
@@ -115,8 +116,11 @@ class SpaceMoments:
         """E[x x^T] - E[x] E[x]^T (population covariance), shape (N*n, N*n)."""
         self._check_count()
         m = self.sum / self.count
-        cov = self.sum_outer / self.count - torch.outer(m, m)
-        return (cov + cov.T) / 2
+        cov = self.sum_outer / self.count
+        cov -= torch.outer(m, m)  # in place: one (N*n)^2 temporary fewer, same values
+        sym = cov + cov.T
+        sym /= 2
+        return sym
 
     def correlation(self, eps: float = 1e-7) -> Tensor:
         """Pearson correlation Sigma / max(sigma sigma^T, eps); dead units get 0 rows."""
@@ -132,9 +136,10 @@ def pearson(cov: Tensor, mean: Tensor, eps: float) -> Tensor:
     var = cov.diagonal().clamp_min(0)
     dead = var <= _DEAD_REL * mean.square()
     sigma = var.sqrt()
-    corr = cov / torch.outer(sigma, sigma).clamp_min(eps)
-    corr = corr.masked_fill(dead[:, None] | dead[None, :], 0.0)
-    return corr.clamp(-1.0, 1.0)
+    corr = torch.outer(sigma, sigma).clamp_min_(eps)  # in place from here on: same values,
+    torch.div(cov, corr, out=corr)  # fewer (N*n)^2 temporaries
+    corr.masked_fill_(dead[:, None] | dead[None, :], 0.0)
+    return corr.clamp_(-1.0, 1.0)
 
 
 # -- accumulation ---------------------------------------------------------------------
@@ -172,6 +177,10 @@ class _Accumulator:
         self.sum_outer = torch.zeros(width, width, dtype=torch.float64, device=device)
 
     def add(self, parts: Sequence[Tensor]) -> None:
+        with full_precision(parts[0].device):  # the products never run under autocast
+            self._add(parts)
+
+    def _add(self, parts: Sequence[Tensor]) -> None:
         rows = parts[0].shape[0]
         for r in range(0, rows, CHUNK_ROWS):  # a few large kernels per chunk, none per unit
             x = torch.cat([p[r : r + CHUNK_ROWS] for p in parts], dim=1).to(self.dtype)

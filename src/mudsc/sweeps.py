@@ -10,11 +10,12 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from mudsc.cache import BoundedCache, budget_for
 from mudsc.progress import Progress
 from mudsc.similarity import Similarity, WeightKind, WeightSimilarity
 from mudsc.solvers import Solver, block_scores, pair_blocks
@@ -148,7 +149,9 @@ class SweepEngine:
 
     def initial(self) -> dict[str, Match]:
         """Activation solution where activations are used, identity otherwise."""
-        matches = {s.name: identity_match(s.size, self.n) for s in self.spec.mergeable}
+        device = next((t.device for t in self.states[0].values()), torch.device("cpu"))
+        # on the states' device: a re-solved match (there) is compared with torch.equal
+        matches = {s.name: identity_match(s.size, self.n).to(device) for s in self.spec.mergeable}
         if self.similarity is None or not self.similarity.activations:
             return matches
         for group in self.groups:
@@ -171,16 +174,16 @@ class SweepEngine:
         # Version stamps are unique across calls, so caches kept by the engine never go
         # stale.
         versions = {name: next(self.stamps) for name in matches}
-        cached: dict[str, tuple[tuple[int, ...], Tensor]] = {}
+        cached: BoundedCache[Tensor] = BoundedCache(budget_for(self.states))
         solved: dict[int, tuple[tuple[int, ...], ...]] = {}  # group -> keys it was solved for
 
         def similarity(space: Space) -> tuple[tuple[int, ...], Tensor]:
             key = tuple(versions[q] for q in self.neighbours[space.name])
-            hit = cached.get(space.name)
-            if hit is None or hit[0] != key:
-                hit = (key, self.space_similarity(space, matches, alpha, versions))
-                cached[space.name] = hit
-            return hit
+            sim = cached.get(space.name, key)
+            if sim is None:
+                sim = self.space_similarity(space, matches, alpha, versions)
+                cached.put(space.name, key, sim, sim.nbytes)
+            return key, sim
 
         for sweep in range(limits.max_sweeps):
             sweeps = sweep + 1
@@ -195,12 +198,20 @@ class SweepEngine:
                 for sp, m in zip(group, result, strict=True):
                     if not torch.equal(m.unmerge, matches[sp.name].unmerge):
                         versions[sp.name] = next(self.stamps)
-                    matches[sp.name] = m
+                    matches[sp.name] = _shared(m, matches[sp.name])
             if self.progress:
                 self.progress("weight sweeps", sweeps, limits.max_sweeps)
             if best.stalled(matches):
                 break
         return best.matches, sweeps
+
+
+def _shared(new: Match, old: Match) -> Match:
+    """``new``, holding ``old``'s tensors when they are equal: the start, the best and the
+    current sweep then share one copy of every unchanged (N*n, n) matrix pair."""
+    if torch.equal(new.unmerge, old.unmerge) and torch.equal(new.merge, old.merge):
+        return replace(new, merge=old.merge, unmerge=old.unmerge)
+    return new
 
 
 class _Best:

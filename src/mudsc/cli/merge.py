@@ -159,6 +159,9 @@ def merge_command(
     as_json: bool = typer.Option(
         False, "--json", help="Print the merge card as JSON on stdout (progress on stderr)."
     ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print spaces, memory per stage and forward passes; exit."
+    ),
     *,
     settings: dict[str, Any],
 ) -> None:
@@ -180,6 +183,11 @@ def merge_command(
     if calibration is not None:
         file = read_tensor_file(regular_file(calibration, "--calibration file"))
         file = file.head(calibration_size)
+    if dry_run:
+        from mudsc.cli.dry_run import dry_run as report_dry_run
+
+        dataset = (data, data_dir, calibration_size or 1000)
+        return report_dry_run(checkpoints, kind, file, dataset, batch_size, config)
     if kind == "hf":
         merged = _merge_hf(checkpoints, output, file, batch_size, config, force)
     else:

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from mudsc.apply import check_matches, transform_tensor
+from mudsc.cache import BoundedCache, budget_for
 from mudsc.errors import ConfigError, SpecError
 from mudsc.solvers.match import Match
 from mudsc.spaces.spec import Member, MergeSpec, Space
@@ -68,7 +69,7 @@ class WeightSimilarity:
         self.spec, self.states, self.kind = spec, states, kind
         self.uses = spec.tensor_uses()
         self.spaces = {s.name: s for s in spec.mergeable}
-        self._parts: dict[tuple[str, str], tuple[tuple, _Part]] = {}
+        self._parts: BoundedCache[_Part] = BoundedCache(budget_for(states))
 
     def __call__(
         self,
@@ -93,11 +94,11 @@ class WeightSimilarity:
                 for u in self.uses[tensor]
                 if u.space != space_name
             )
-            hit = self._parts.get((space_name, tensor))
-            if hit is None or hit[0] != key:
-                hit = (key, self._part(space, tensor, members, matches))
-                self._parts[(space_name, tensor)] = hit
-            parts.append(hit[1])
+            part = self._parts.get((space_name, tensor), key)
+            if part is None:
+                part = self._part(space, tensor, members, matches)
+                self._parts.put((space_name, tensor), key, part, part.gram.nbytes)
+            parts.append(part)
         return self._combine(parts)
 
     def _part(
