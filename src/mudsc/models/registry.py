@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
+from torch.overrides import TorchFunctionMode
 
 from mudsc.errors import ConfigError, ResourceError
 from mudsc.registry import Registry
@@ -192,7 +193,7 @@ def _meta_bytes(name: str, factory: Callable[..., nn.Module], kwargs: Mapping) -
     meta device; None when the factory cannot build there (it is then built for real)."""
     budget = machine_memory() or 2**63
     try:
-        with _counting(budget) as counted, torch.device("meta"):
+        with _counting(budget) as counted, torch.device("meta"), _SkipInPlaceOnMeta():
             factory(**kwargs)
         return counted[0]
     except _TooLarge as stop:
@@ -204,6 +205,20 @@ def _meta_bytes(name: str, factory: Callable[..., nn.Module], kwargs: Mapping) -
         return stop.nbytes
     except (NotImplementedError, RuntimeError):  # an op without a meta kernel
         return None
+
+
+class _SkipInPlaceOnMeta(TorchFunctionMode):
+    """In-place ops on meta tensors (weight initialisation) are skipped: they change no
+    shape, and some run as Python decompositions whose first call imports torch._dynamo
+    (about 1.5 s of every command's start-up)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None):
+        name = getattr(func, "__name__", "")
+        first = args[0] if args else None
+        in_place = name.endswith("_") and not name.startswith("_")  # not __bool__, __iadd__
+        if in_place and isinstance(first, torch.Tensor) and first.is_meta:
+            return first
+        return func(*args, **(kwargs or {}))
 
 
 @contextmanager
