@@ -58,7 +58,8 @@ def os_error_line(exc: OSError) -> str:
     return f"{where}{reason}" + (f"; {fix}" if fix else "")
 
 
-def _error(line: str) -> None:
+def print_error(line: str) -> None:
+    """One error line on stderr, never wrapped (scripts and tests read it whole)."""
     err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
@@ -71,10 +72,10 @@ def friendly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except MudscError as exc:
-            _error(str(exc))
+            print_error(str(exc))
             raise typer.Exit(2) from None
         except OSError as exc:
-            _error(os_error_line(exc))
+            print_error(os_error_line(exc))
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; finished outputs are kept, partial ones removed")

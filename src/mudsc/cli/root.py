@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.26 carries its own copy of click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # older typer runs on click itself
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
 from mudsc import __version__
-from mudsc.cli.common import console
+from mudsc.cli.common import console, err_console, print_error
 from mudsc.signals import sigterm_as_keyboard_interrupt
 
 
@@ -42,9 +49,38 @@ def options(
     )
 
 
+class OneLineUsageErrors(TyperGroup):
+    """Click's usage errors (a bad option value, a missing argument) as one line naming the
+    problem and where help is, like every other mudsc error, instead of a boxed panel."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click_exceptions.NoArgsIsHelpError as exc:
+            console.print(exc.ctx.get_help() if exc.ctx else "")
+            if not standalone_mode:
+                raise
+            sys.exit(exc.exit_code)
+        except click_exceptions.ClickException as exc:
+            where = exc.ctx.command_path if getattr(exc, "ctx", None) else "mudsc"
+            print_error(f"{exc.format_message()} (see {where} --help)")
+            if not standalone_mode:
+                raise
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            err_console.print("aborted")
+            if not standalone_mode:
+                raise
+            sys.exit(1)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
 def create_app() -> typer.Typer:
     """An app with the global options and no commands yet."""
     app = typer.Typer(
+        cls=OneLineUsageErrors,
         add_completion=False,
         no_args_is_help=True,
         help="Merge separately trained networks without training (MuDSC and its baselines).",
