@@ -224,21 +224,23 @@ def _targets(
     matches: Mapping[str, Match],
     channels: int,
 ) -> tuple[Tensor, Tensor]:
-    """Per merged channel: M-weighted average of the source units' means and stds."""
-    mean = torch.zeros(channels, dtype=torch.float64)
-    std = torch.zeros(channels, dtype=torch.float64)
-    covered = torch.zeros(channels, dtype=torch.bool)
+    """Per merged channel: M-weighted average of the source units' means and stds, computed
+    where the statistics are (no per-layer round trip to the CPU on a GPU)."""
+    device = source_stats[0][0].device
+    mean = torch.zeros(channels, dtype=torch.float64, device=device)
+    std = torch.zeros(channels, dtype=torch.float64, device=device)
+    covered = torch.zeros(channels, dtype=torch.bool, device=device)
     for space, start, size in layer_slices:
         match = matches[space]
         for i, (mu, sd) in enumerate(source_stats):
-            m_i = match.merge_of(i).double().cpu()
-            mean[start : start + size] += mu[start : start + size].cpu() @ m_i
-            std[start : start + size] += sd[start : start + size].cpu() @ m_i
+            m_i = match.merge_of(i).to(device, torch.float64)
+            mean[start : start + size] += mu[start : start + size].double() @ m_i
+            std[start : start + size] += sd[start : start + size].double() @ m_i
         covered[start : start + size] = True
     rest = ~covered
     if rest.any():
-        mean[rest] = torch.stack([mu.cpu() for mu, _ in source_stats]).mean(0)[rest]
-        std[rest] = torch.stack([sd.cpu() for _, sd in source_stats]).mean(0)[rest]
+        mean[rest] = torch.stack([mu.double() for mu, _ in source_stats]).mean(0)[rest]
+        std[rest] = torch.stack([sd.double() for _, sd in source_stats]).mean(0)[rest]
     return mean, std
 
 
