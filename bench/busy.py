@@ -5,9 +5,11 @@ in short slices with sleeps between), e.g. 2 x 65 % of a 2-core machine.  Each p
 runs the same merge in a fresh process:
 
 * ``old``: torch's defaults (one thread per core, libgomp spinning at barriers);
-* ``new``: ``mudsc.threads``: the passive OpenMP wait policy set before torch loads, and
+* ``new``: ``mudsc.threads``: a short OpenMP spin (GOMP_SPINCOUNT) set before torch loads, and
   the intra-op thread count from the process's affinity (or MUDSC_THREADS);
-* ``one``: the new policy with MUDSC_THREADS=1 (what a user can choose on a loaded box).
+* ``one``: the new policy with MUDSC_THREADS=1 (what a user can choose on a loaded box);
+* ``passive``, ``spin10k``: the new policy with OMP_WAIT_POLICY=PASSIVE (no spinning) or
+  GOMP_SPINCOUNT=10000 instead of its 1,000.
 
     python bench/busy.py                                 # resnet20x4, wzip, all policies
     python bench/busy.py --arch resnet20x1 --method zipit --duty 0.75
@@ -28,7 +30,13 @@ from pathlib import Path
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 STAGES = ("trace", "statistics", "solve", "sweeps", "apply", "repair")
-POLICIES = {"old": {}, "new": {}, "one": {"MUDSC_THREADS": "1"}}
+POLICIES = {
+    "old": {},
+    "new": {},
+    "one": {"MUDSC_THREADS": "1"},
+    "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "spin10k": {"GOMP_SPINCOUNT": "10000"},
+}
 _OMP_VARIABLES = (
     "OMP_WAIT_POLICY",
     "GOMP_SPINCOUNT",

@@ -9,7 +9,7 @@ ratio total / floor says how much overhead the engine adds.
     python bench/merge.py                       # ResNet-20 x1/x4/x8 and the ViT, all methods
     python bench/merge.py --archs resnet20x8 --methods mudsc-zip --device cuda
 
-Each merge runs under ``mudsc.threads``' policy (passive OpenMP wait set before torch
+Each merge runs under ``mudsc.threads``' policy (short OpenMP spin set before torch
 loads, threads from the affinity mask), as the ``mudsc`` command does;
 ``--threads-policy torch`` keeps torch's defaults.
 """

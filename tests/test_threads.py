@@ -1,4 +1,4 @@
-"""The thread policy: env overrides, the affinity bound, idempotence, the wait policy."""
+"""The thread policy: env overrides, the affinity bound, idempotence, the wait setting."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from mudsc.errors import ConfigError
 from mudsc.threads import (
-    PASSIVE_WAIT,
+    SHORT_WAIT,
     configure_threads,
     prepare_environment,
     thread_count,
@@ -62,13 +62,15 @@ def test_configure_sets_torch_and_is_idempotent(restore_threads):
 
 
 def test_prepare_environment_keeps_user_choices_and_is_idempotent():
-    env = {"OMP_WAIT_POLICY": "ACTIVE"}
+    env = {"GOMP_SPINCOUNT": "5"}
     assert prepare_environment(env)
-    assert env["OMP_WAIT_POLICY"] == "ACTIVE"
-    assert env["GOMP_SPINCOUNT"] == PASSIVE_WAIT["GOMP_SPINCOUNT"]
+    assert env == {"GOMP_SPINCOUNT": "5", "KMP_BLOCKTIME": SHORT_WAIT["KMP_BLOCKTIME"]}
     once = dict(env)
     prepare_environment(env)
     assert env == once
+    chosen = {"OMP_WAIT_POLICY": "PASSIVE"}
+    prepare_environment(chosen)
+    assert chosen == {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def test_prepare_environment_before_torch_makes_its_openmp_passive():
@@ -76,11 +78,11 @@ def test_prepare_environment_before_torch_makes_its_openmp_passive():
     code = (
         "import os; from mudsc.threads import prepare_environment;"
         "ok = prepare_environment(); import torch;"
-        "print(ok, os.environ['OMP_WAIT_POLICY'], prepare_environment())"
+        "print(ok, os.environ['GOMP_SPINCOUNT'], prepare_environment())"
     )
-    env = {k: v for k, v in os.environ.items() if k not in PASSIVE_WAIT}
+    env = {k: v for k, v in os.environ.items() if k not in (*SHORT_WAIT, "OMP_WAIT_POLICY")}
     env["PYTHONPATH"] = SRC
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
-    assert out.stdout.split() == ["True", "PASSIVE", "False"]
+    assert out.stdout.split() == ["True", SHORT_WAIT["GOMP_SPINCOUNT"], "False"]
