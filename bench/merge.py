@@ -8,6 +8,10 @@ ratio total / floor says how much overhead the engine adds.
 
     python bench/merge.py                       # ResNet-20 x1/x4/x8 and the ViT, all methods
     python bench/merge.py --archs resnet20x8 --methods mudsc-zip --device cuda
+
+Each merge runs under ``mudsc.threads``' policy (short OpenMP spin set before torch
+loads, threads from the affinity mask), as the ``mudsc`` command does;
+``--threads-policy torch`` keeps torch's defaults.
 """
 
 from __future__ import annotations
@@ -22,7 +26,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+if "--one" in sys.argv and "torch" not in sys.argv:  # before torch loads its OpenMP runtime
+    sys.path.insert(0, SRC)
+    from mudsc.threads import prepare_environment
+
+    prepare_environment()
+
+import torch  # noqa: E402
 
 ARCHS = {
     "resnet20x1": ("resnet20", {"width": 1}),
@@ -30,7 +41,6 @@ ARCHS = {
     "resnet20x8": ("resnet20", {"width": 8}),
     "vit": ("vit", {}),
 }
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 # The authors' implementation on a 2-core machine, 1,000 images of 28x28, two ResNet-20s
 # (issue 4): total seconds, and seconds of weight-space matching where they report it.
 AUTHORS_TOTAL = {
@@ -59,6 +69,10 @@ def run_one(arch_key: str, method: str, images: int, batch: int, device: str, dt
     from mudsc.models import create
     from mudsc.renorm import resolve_mode
 
+    if "torch" not in sys.argv:
+        from mudsc.threads import configure_threads
+
+        configure_threads()
     dev = torch.device(device)
     arch, args = ARCHS[arch_key]
     models = []
@@ -148,6 +162,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=250)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument(
+        "--threads-policy",
+        choices=["mudsc", "torch"],
+        default="mudsc",
+        help="mudsc.threads' policy (default) or torch's defaults",
+    )
     parser.add_argument("--out", default="bench/results/merge.json")
     parser.add_argument("--one", nargs=2, metavar=("ARCH", "METHOD"), help=argparse.SUPPRESS)
     a = parser.parse_args()
@@ -165,7 +185,8 @@ def main() -> None:
     for arch in a.archs.split(","):
         for method in a.methods.split(","):
             cmd = [sys.executable, __file__, "--one", arch, method, "--images", str(a.images),
-                   "--batch", str(a.batch), "--device", a.device, "--dtype", a.dtype]  # fmt: skip
+                   "--batch", str(a.batch), "--device", a.device, "--dtype", a.dtype,
+                   "--threads-policy", a.threads_policy]  # fmt: skip
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 print(f"{arch:<11} {method:<12} FAILED: {out.stderr.strip().splitlines()[-1:]}")
@@ -188,6 +209,7 @@ def main() -> None:
         "cpus": torch.get_num_threads(),
         "torch": torch.__version__,
         "device": a.device,
+        "threads_policy": a.threads_policy,
         "gpu": torch.cuda.get_device_name(0) if a.device.startswith("cuda") else None,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ the final-merge rule, for alignment and zip alike).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -105,7 +106,26 @@ class WeightSimilarity:
         self, space: Space, tensor: str, members: Sequence[Member], matches: Mapping[str, Match]
     ) -> _Part:
         n = space.size
-        rows = []
+        ts = self._transformed(space, tensor, matches)
+        axes = [m.axis % ts[0].dim() for m in members]
+        width = sum(
+            ts[0].narrow(a, m.start, n * m.inner).numel() // n
+            for a, m in zip(axes, members, strict=True)
+        )
+        dtype = functools.reduce(torch.promote_types, [t.dtype for t in ts])
+        x = torch.empty(len(ts) * n, width, dtype=dtype, device=ts[0].device)
+        for i, t in enumerate(ts):  # one copy per member slice, as concatenation made
+            slices = [t.narrow(a, m.start, n * m.inner) for a, m in zip(axes, members, strict=True)]
+            _copy_units(x[i * n : (i + 1) * n], slices, axes)
+        if self.kind == "inner":
+            return _Part(self._gram(x), x.new_zeros(0), x.shape[1])
+        mean = x.mean(dim=1)
+        x -= mean[:, None]  # x is this part's own buffer: centre it in place
+        return _Part(self._gram(x), mean.to(torch.float64), x.shape[1])
+
+    def _transformed(self, space: Space, tensor: str, matches: Mapping[str, Match]) -> list[Tensor]:
+        """Every model's copy of ``tensor`` with its other spaces' axes in the merged basis."""
+        ts = []
         for i, state in enumerate(self.states):
             if tensor not in state:
                 raise SpecError(
@@ -114,21 +134,9 @@ class WeightSimilarity:
                 )
             t = state[tensor]
             t = t if t.dtype in (torch.float32, torch.float64) else t.to(torch.float32)
-            t = transform_tensor(
-                tensor, t, self.uses[tensor], i, matches, self.spaces, space.name, compress=False
-            )
-            cols = []
-            for m in members:
-                axis = m.axis % t.dim()
-                cols.append(t.narrow(axis, m.start, n * m.inner).movedim(axis, 0).reshape(n, -1))
-            rows.append(torch.cat(cols, dim=1))
-        device = rows[0].device
-        x = torch.cat([r.to(device) for r in rows], dim=0)
-        if self.kind == "inner":
-            return _Part(self._gram(x), x.new_zeros(0), x.shape[1])
-        mean = x.mean(dim=1)
-        xc = x - mean[:, None]
-        return _Part(self._gram(xc), mean.to(torch.float64), x.shape[1])
+            uses = self.uses[tensor]
+            ts.append(transform_tensor(tensor, t, uses, i, matches, self.spaces, space.name, False))
+        return ts
 
     def _gram(self, x: Tensor) -> Tensor:
         return model_gram(x.T, len(self.states)).to(torch.float64)
@@ -148,6 +156,17 @@ class WeightSimilarity:
             shift = p.mean - mean
             gram += p.width * torch.outer(shift, shift)
         return pearson(gram / width, mean, torch.finfo(torch.float64).tiny)
+
+
+def _copy_units(rows: Tensor, slices: Sequence[Tensor], axes: Sequence[int]) -> None:
+    """Write each member's slice, its unit axis first and the rest flattened, into its
+    columns of ``rows``: one copy per slice, no intermediate reshape or concatenation."""
+    start = 0
+    for piece, axis in zip(slices, axes, strict=True):
+        moved = piece.movedim(axis, 0)
+        width = moved.numel() // rows.shape[0]
+        rows[:, start : start + width].view(moved.shape).copy_(moved)
+        start += width
 
 
 def weight_similarity(
