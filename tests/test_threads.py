@@ -86,3 +86,13 @@ def test_prepare_environment_before_torch_makes_its_openmp_passive():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert out.stdout.split() == ["True", SHORT_WAIT["GOMP_SPINCOUNT"], "False"]
+
+
+def test_a_bad_thread_count_is_one_cli_line(monkeypatch) -> None:
+    from cli_helpers import invoke
+
+    monkeypatch.setenv("MUDSC_THREADS", "abc")
+    result = invoke("spec", "--list")
+    assert result.exit_code == 2
+    assert "MUDSC_THREADS='abc' is not a whole number" in result.output
+    assert "Traceback" not in result.output

@@ -20,7 +20,9 @@ except ImportError:  # older typer runs on click itself
 
 from mudsc import __version__
 from mudsc.cli.common import console, err_console, print_error
+from mudsc.errors import MudscError
 from mudsc.signals import sigterm_as_keyboard_interrupt
+from mudsc.threads import configure_threads
 
 
 def _print_version(asked: bool) -> None:
@@ -40,8 +42,14 @@ def options(
         help="Print the version and exit.",
     ),
 ) -> None:
-    """Global options: logging level and the version; SIGTERM unwinds like Ctrl-C."""
+    """Global options: logging level and the version; SIGTERM unwinds like Ctrl-C; torch
+    uses the cores this process may run on (mudsc.threads)."""
     sigterm_as_keyboard_interrupt()
+    try:
+        configure_threads()
+    except MudscError as exc:
+        print_error(str(exc))
+        raise typer.Exit(2) from None
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
