@@ -1,7 +1,7 @@
 """Atomic outputs: a file or a directory appears whole under its final name, or not at all.
 
 Everything mudsc writes (checkpoints, experiment records, reports, figures) goes through
-here.  A write runs in a temporary sibling named ``.NAME.mudsc-PID-XXXX.partial`` (so a
+here.  A write runs in a temporary sibling named ``.NAME.mudsc-PID-<random>.partial`` (so a
 killed run's leftovers name mudsc and their owner), under the output's lock
 (:mod:`mudsc.locks`), with its files and folders fsynced before one rename puts it in
 place.  The existence rules are checked before the work and again under the lock right

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from mudsc.cli.common import console
+from mudsc.cli.merge import draw_from_dataset
 from mudsc.data.files import TensorFile, split_batches
 from mudsc.errors import ConfigError
 from mudsc.estimate import MergeEstimate, human, plan_merge
@@ -37,25 +38,10 @@ def dry_run(
         loaded = [load_checkpoint(p, dev) for p in paths]
         models = [ck.model for ck in loaded]
         if file is None:
-            return report(plan_merge(models, _drawn(loaded, dataset, batch_size, config),
-                                     config))  # fmt: skip
+            tasks = [t for ck in loaded for t in ck.tasks]
+            _, batches, _ = draw_from_dataset(dataset, loaded, tasks, batch_size, config)
+            return report(plan_merge(models, batches, config))
     report(plan_merge(models, split_batches(file.inputs.to(dev), batch_size), config))
-
-
-def _drawn(
-    loaded: list, dataset: tuple[str | None, Path | None, int], batch_size: int,
-    config: MergeConfig,
-) -> list[torch.Tensor]:  # fmt: skip
-    from mudsc.data import draw_calibration, load_dataset
-
-    name, data_dir, size = dataset
-    name = name or loaded[0].dataset
-    if name is None:
-        raise ConfigError("the checkpoints record no dataset; pass --data NAME or "
-                         "--calibration FILE for calibration")  # fmt: skip
-    data = load_dataset(name, data_dir)
-    classes = sorted({c for ck in loaded for t in ck.tasks for c in t}) or None
-    return draw_calibration(data, classes, size, batch_size, config.seed, config.device).batches
 
 
 def report(estimate: MergeEstimate) -> None:

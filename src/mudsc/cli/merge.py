@@ -268,7 +268,7 @@ def _merge_checkpoints(
         batches = split_batches(fit.to(dev), batch_size)
         provenance: dict[str, Any] = {"file": str(source.path), "inputs": len(source)}
     else:
-        name, batches, held = _draw(source, loaded, tasks, batch_size, config)
+        name, batches, held = draw_from_dataset(source, loaded, tasks, batch_size, config)
         provenance = {"dataset": name, "images": source[2], "seed": config.seed}
     score_fn = _held_out_score(held, head, tasks, dev, batch_size)
     result = _run([ck.model for ck in loaded], batches, config, score_fn)
@@ -288,7 +288,7 @@ def _merge_checkpoints(
     return result, card
 
 
-def _draw(
+def draw_from_dataset(
     source: tuple[str | None, Path | None, int],
     loaded: list[Any],
     tasks: list[list[int]],

@@ -105,8 +105,9 @@ def _linear(ctx: Ctx) -> TDims:
     return y
 
 
-@register_layer(nn.Conv1d, nn.Conv3d, channel_axis="first")
-def _conv(ctx: Ctx) -> TDims:
+def _convolution(ctx: Ctx, transposed: bool) -> TDims:
+    """A convolution module; the weight is (out, in/groups, *k), or (in, out/groups, *k)
+    when transposed: its second axis holds one group's units."""
     m, x = ctx.module, ctx.tensor(0)
     ch = x.ndim - len(m.kernel_size) - 1
     cin, shape = x.dims[ch], ctx.out_shape()
@@ -114,26 +115,31 @@ def _conv(ctx: Ctx) -> TDims:
         ctx.atoms.fix_layout(d, "convolved spatial axis")
     spatial = tuple(ctx.fresh(n, spatial=True) for n in shape[ch + 1 :])
     weight = _name(ctx, "weight")
-    if m.groups == 1:
-        out = ctx.fresh(m.out_channels)
-        ctx.member(weight, 1, cin, "consumer")
-    elif m.groups == m.in_channels == m.out_channels:
+    w_in, w_out = (0, 1) if transposed else (1, 0)
+    grouped = m.groups > 1
+    if grouped and m.groups == m.in_channels == m.out_channels:
         out = cin  # depthwise: each channel is filtered on its own
+        w_out = 0
     else:
         out = ctx.fresh(m.out_channels)
-        ctx.member(weight, 1, cin, "consumer", per_group=True)
-        ctx.groups(cin, m.groups, ctx.path)
-        ctx.groups(out, m.groups, ctx.path)
-        ctx.tie(cin, out, f"{ctx.path}.groups")
-    if out is not cin:
+        ctx.member(weight, w_in, cin, "consumer", per_group=grouped and w_in == 1)
+        if grouped:
+            ctx.groups(cin, m.groups, ctx.path)
+            ctx.groups(out, m.groups, ctx.path)
+            ctx.tie(cin, out, f"{ctx.path}.groups")
         ctx.mix(x, ch)
         ctx.tap("input", 0, ch, cin, "consumer")
-    ctx.member(weight, 0, out, "producer")
+    ctx.member(weight, w_out, out, "producer", per_group=grouped and w_out == 1)
     if _has(ctx, "bias"):
         ctx.member(_name(ctx, "bias"), 0, out, "producer")
     y = ctx.record(TDims(x.dims[:ch] + (out,) + spatial, shape))
     ctx.tap("output", 0, ch, out, "producer")
     return y
+
+
+@register_layer(nn.Conv1d, nn.Conv3d, channel_axis="first")
+def _conv(ctx: Ctx) -> TDims:
+    return _convolution(ctx, transposed=False)
 
 
 # oneDNN 2-d convolutions run markedly faster on NHWC (measured 1.7x for ResNet-20 x8)
@@ -142,32 +148,7 @@ register_layer(nn.Conv2d, channel_axis="first", channels_last=True)(_conv)
 
 @register_layer(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, channel_axis="first")
 def _conv_transpose(ctx: Ctx) -> TDims:
-    """Weight stored (in, out/groups, *k): the input axis is whole, the output per group."""
-    m, x = ctx.module, ctx.tensor(0)
-    ch = x.ndim - len(m.kernel_size) - 1
-    cin, shape = x.dims[ch], ctx.out_shape()
-    for d in x.dims[ch + 1 :]:
-        ctx.atoms.fix_layout(d, "convolved spatial axis")
-    spatial = tuple(ctx.fresh(n, spatial=True) for n in shape[ch + 1 :])
-    weight = _name(ctx, "weight")
-    if m.groups == m.in_channels == m.out_channels and m.groups > 1:
-        out = cin  # depthwise: each channel is filtered on its own
-        ctx.member(weight, 0, out, "producer")
-    else:
-        out = ctx.fresh(m.out_channels)
-        ctx.member(weight, 0, cin, "consumer")
-        ctx.member(weight, 1, out, "producer", per_group=m.groups > 1)
-        if m.groups > 1:
-            ctx.groups(cin, m.groups, ctx.path)
-            ctx.groups(out, m.groups, ctx.path)
-            ctx.tie(cin, out, f"{ctx.path}.groups")
-        ctx.mix(x, ch)
-        ctx.tap("input", 0, ch, cin, "consumer")
-    if _has(ctx, "bias"):
-        ctx.member(_name(ctx, "bias"), 0, out, "producer")
-    y = ctx.record(TDims(x.dims[:ch] + (out,) + spatial, shape))
-    ctx.tap("output", 0, ch, out, "producer")
-    return y
+    return _convolution(ctx, transposed=True)
 
 
 @register_layer(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, norm="batchnorm")
