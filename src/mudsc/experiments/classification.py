@@ -18,9 +18,9 @@ from torch import nn
 from mudsc.checkpoint import load_checkpoint, save_checkpoint
 from mudsc.data import ImageDataset, draw_calibration, parse_split, split_classes
 from mudsc.errors import ConfigError
-from mudsc.evaluate import Report, embed, evaluate_embeddings
+from mudsc.evaluate import HeadView, Report, embed, evaluate_embeddings
 from mudsc.experiments.classification_report import classification_report
-from mudsc.experiments.config import ExperimentConfig
+from mudsc.experiments.config import ExperimentConfig, MergeSettings
 from mudsc.experiments.pool import Ensure, MergeGroup, SourceJob
 from mudsc.experiments.records import make_key, read_record, state_hash, write_record
 from mudsc.experiments.reports import ReportFiles, mean_std
@@ -28,10 +28,13 @@ from mudsc.experiments.sources import build_model
 from mudsc.merge import MergeResult
 from mudsc.methods import METHODS
 from mudsc.models.head import ClassEmbeddingHead
+from mudsc.modes import eval_mode
+from mudsc.partial import PartialMerge
 from mudsc.progress import Progress
+from mudsc.stages import agreement
 from mudsc.train import train, train_config_dict
 
-MERGE_ROW_KEYS = ("joint", "per_task", "avg", "alpha", "alpha_scores", "seconds")
+MERGE_ROW_KEYS = ("joint", "per_task", "avg", "alpha", "alpha_scores", "seconds", "params", "flops")
 
 
 def pair_tasks(cfg: ExperimentConfig, num_classes: int) -> list[list[list[int]]]:
@@ -81,20 +84,70 @@ def evaluate_sources(
     return rows
 
 
-def accuracy_score(
+def merged_embeddings(
+    model: nn.Module, images: torch.Tensor, batch_size: int, device: Any
+) -> list[torch.Tensor]:
+    """Embeddings of a merged model: one tensor, or one per head of a partial merge (scored
+    like an ensemble: head i is the expert of task i)."""
+    if isinstance(model, PartialMerge):
+        heads = [HeadView(model, i) for i in range(model.n_models)]
+        return [embed(h, images, batch_size, device) for h in heads]
+    return [embed(model, images, batch_size, device)]
+
+
+def held_out_score(
+    kind: str,
     held: tuple[torch.Tensor, torch.Tensor],
     tasks: list[list[int]],
     head: ClassEmbeddingHead,
+    sources: Sequence[nn.Module],
     batch_size: int,
     device: Any,
 ) -> Callable[[MergeResult], float]:
-    """score_fn for ``alpha: auto``: average per-task accuracy on labelled training images."""
+    """score_fn for ``alpha: auto`` on labelled held-out training images: average per-task
+    accuracy, mean output agreement with the sources (labels unused), or minus the mean
+    per-task cross-entropy."""
+    images, labels = held
 
-    def score(candidate: MergeResult) -> float:
-        emb = embed(candidate.model, held[0], batch_size, device)
-        return evaluate_embeddings([emb], held[1], tasks, head).avg
+    def accuracy(candidate: MergeResult) -> float:
+        embeddings = merged_embeddings(candidate.model, images, batch_size, device)
+        return evaluate_embeddings(embeddings, labels, tasks, head).avg
 
-    return score
+    def agreeing(candidate: MergeResult) -> float:
+        batches = [images[i : i + batch_size].to(device) for i in range(0, len(images), batch_size)]
+        return agreement(candidate.model, sources, batches)
+
+    def loss(candidate: MergeResult) -> float:
+        embeddings = merged_embeddings(candidate.model, images, batch_size, device)
+        total = 0.0
+        for t, task in enumerate(tasks):
+            mask = torch.isin(labels, torch.tensor(task))
+            emb = embeddings[min(t, len(embeddings) - 1)][mask]
+            target = torch.searchsorted(torch.tensor(task), labels[mask])
+            total += nn.functional.cross_entropy(head(emb, task), target).item()
+        return -total / len(tasks)
+
+    return {"accuracy": accuracy, "agreement": agreeing, "loss": loss}[kind]
+
+
+def cost_ratios(merged: nn.Module, source: nn.Module, example: torch.Tensor) -> dict[str, float]:
+    """Parameters and forward FLOPs of a merged model relative to one source (1 for a full
+    merge, up to N for a partial merge that keeps N heads)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(model: nn.Module) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad(), eval_mode(model):
+            model(example)
+        return counter.get_total_flops()
+
+    def params(model: nn.Module) -> int:
+        return sum(p.numel() for p in model.parameters())
+
+    return {
+        "params": params(merged) / params(source),
+        "flops": flops(merged) / max(flops(source), 1),
+    }
 
 
 def summarize(pairs: list[dict[str, Any]], order: list[str]) -> dict[str, Any]:
@@ -109,8 +162,9 @@ def summarize(pairs: list[dict[str, Any]], order: list[str]) -> dict[str, Any]:
             ],  # fmt: skip
             "avg": mean_std([r["avg"] for r in rows]),
         }
-        if "seconds" in rows[0]:
-            entry["seconds"] = mean_std([r["seconds"] for r in rows])
+        for extra in ("seconds", "params", "flops"):
+            if all(extra in r for r in rows):
+                entry[extra] = mean_std([r[extra] for r in rows])
         alphas = [r.get("alpha") for r in rows]
         if all(isinstance(a, int | float) for a in alphas):
             entry["alpha"] = {**mean_std(alphas), "values": alphas}
@@ -138,20 +192,26 @@ class ClassificationPool:
                 f"classes of {cfg.dataset} (one orthonormal embedding per class)"
             )
         build_model(cfg, data)
+        for settings in cfg.settings():
+            self._check_calibration(settings)
+        return f"{cfg.pairs} pair(s), class splits {self.splits}"
+
+    def _check_calibration(self, settings: MergeSettings) -> None:
+        cal, data = settings.calibration, self.data
+        where = f" (variant {settings.label!r})" if settings.label else ""
         for k, split in enumerate(self.splits):
             union = [c for t in split for c in t]
             available = int(torch.isin(data.train_labels, torch.tensor(union)).sum())
-            if cfg.calibration.size > available:
+            if cal.size > available:
                 raise ConfigError(
-                    f"config key 'calibration.size' ({cfg.calibration.size}) exceeds the "
+                    f"config key 'calibration.size' ({cal.size}){where} exceeds the "
                     f"{available} training images of pair {k}'s classes; lower it"
                 )
-            if int(cfg.calibration.size * cfg.calibration.holdout) < len(split):
+            if int(cal.size * cal.holdout) < len(split):
                 raise ConfigError(
-                    "config keys 'calibration.size' x 'calibration.holdout' leave fewer "
-                    f"held-out images than tasks ({len(split)}); raise either"
+                    f"config keys 'calibration.size' x 'calibration.holdout'{where} leave "
+                    f"fewer held-out images than tasks ({len(split)}); raise either"
                 )
-        return f"{cfg.pairs} pair(s), class splits {self.splits}"
 
     def _train_key(self, classes: list[int], seed: int) -> dict[str, Any]:
         cfg = self.cfg
@@ -209,16 +269,14 @@ class ClassificationPool:
             rows = self._source_rows(pair_dir, k, models, tasks, hashes, head, test, force)
             for i, s in enumerate(seconds):
                 rows[f"model {i}"]["train_seconds"] = s
-            cal = cfg.calibration
-            calibration = draw_calibration(
-                data, [c for t in tasks for c in t], cal.size, cal.batch_size, cal.seed + k,
-                device, augment=cal.augment, holdout=cal.holdout,
-            )  # fmt: skip
-            assert calibration.held is not None
+            prepare = self._preparer(k, tasks, models, head)
+            batches, score = prepare(cfg.settings()[0])
 
-            def evaluate(result: MergeResult, tasks: list[list[int]] = tasks) -> dict[str, Any]:
-                emb = embed(result.model, test[0], cfg.eval_batch_size, device)
-                return report_dict(evaluate_embeddings([emb], test[1], tasks, head))
+            def evaluate(result: MergeResult, tasks: list[list[int]] = tasks,
+                         source: nn.Module = models[0]) -> dict[str, Any]:  # fmt: skip
+                emb = merged_embeddings(result.model, test[0], cfg.eval_batch_size, device)
+                report = report_dict(evaluate_embeddings(emb, test[1], tasks, head))
+                return {**report, **cost_ratios(result.model, source, test[0][:1].to(device))}
 
             yield MergeGroup(
                 label=f"pair {k}",
@@ -226,9 +284,10 @@ class ClassificationPool:
                 models=models,
                 hashes=hashes,
                 key={"tasks": tasks},
-                batches=calibration.batches,
-                score=accuracy_score(calibration.held, tasks, head, cfg.eval_batch_size, device),
+                batches=batches,
+                score=score,
                 evaluate=evaluate,
+                prepare=prepare,
                 entry={
                     "pair": k,
                     "split_seed": cfg.split_seeds[k],
@@ -237,6 +296,27 @@ class ClassificationPool:
                 },  # fmt: skip
                 rows=rows,
             )
+
+    def _preparer(
+        self, k: int, tasks: list[list[int]], models: list[nn.Module], head: ClassEmbeddingHead
+    ) -> Callable[[MergeSettings], tuple[list[torch.Tensor], Callable[[MergeResult], float]]]:
+        """Pair k's calibration draw and alpha score under one row's settings (pair k draws
+        with ``seed + k``, so pairs see different images and variants of one pair the same
+        ones wherever their calibration keys agree)."""
+        cfg, data, device = self.cfg, self.data, self.device
+
+        def prepare(settings: MergeSettings) -> tuple[list[torch.Tensor], Any]:
+            cal = settings.calibration
+            calibration = draw_calibration(
+                data, [c for t in tasks for c in t], cal.size, cal.batch_size, cal.seed + k,
+                device, augment=cal.augment, holdout=cal.holdout,
+            )  # fmt: skip
+            assert calibration.held is not None
+            score = held_out_score(settings.alpha_score, calibration.held, tasks, head, models,
+                                   cfg.eval_batch_size, device)  # fmt: skip
+            return calibration.batches, score
+
+        return prepare
 
     def _source_rows(
         self, pair_dir: Path, k: int, models: list[nn.Module], tasks: list[list[int]],
@@ -262,11 +342,11 @@ class ClassificationPool:
     def order(self) -> list[str]:
         """Row order of every table: the sources, the ensemble, the methods."""
         n_models = len(self.splits[0])
-        return [f"model {i}" for i in range(n_models)] + ["ensemble", *self.cfg.methods]
+        return [f"model {i}" for i in range(n_models)] + ["ensemble", *self.cfg.rows()]
 
     def results(self, groups: list[dict[str, Any]]) -> dict[str, Any]:
         return {
-            "methods": {m: METHODS[m].description for m in self.cfg.methods},
+            "methods": {m: METHODS[m].description for s in self.cfg.settings() for m in s.methods},
             "pairs": groups,
             "summary": summarize(groups, self.order()),
         }

@@ -7,6 +7,15 @@ from typing import Any
 from mudsc.experiments.reports import Chart, ReportFiles, machine_line, md_table, pct
 
 
+def _ratio(ms: dict[str, float] | None) -> str:
+    """A cost relative to one source model, e.g. 1.45."""
+    return "" if ms is None else f"{ms['mean']:.2f}"
+
+
+def _cost(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
 def _alpha_cell(alpha: Any) -> str:
     return f"{alpha:g}" if isinstance(alpha, int | float) else ""
 
@@ -16,7 +25,8 @@ def markdown(results: dict[str, Any], order: list[str]) -> str:
     cfg, summary, pairs = results["config"], results["summary"], results["pairs"]
     n_tasks = len(pairs[0]["tasks"])
     task_cols = [f"task {t}" for t in range(n_tasks)]
-    header = ["model / method", "joint", *task_cols, "avg", "merge s", "alpha"]
+    header = ["model / method", "joint", *task_cols, "avg", "merge s", "alpha", "params x",
+              "FLOPs x"]  # fmt: skip
     lines = []
     for name in order:
         s = summary[name]
@@ -25,6 +35,7 @@ def markdown(results: dict[str, Any], order: list[str]) -> str:
             name, pct(s["joint"]), *[pct(t) for t in s["per_task"]], pct(s["avg"]),
             f"{s['seconds']['mean']:.1f}" if "seconds" in s else "",
             ", ".join(f"{a:g}" for a in alpha["values"]) if alpha else "",
+            _ratio(s.get("params")), _ratio(s.get("flops")),
         ])  # fmt: skip
     text = [
         f"# {results['name']}",
@@ -48,7 +59,7 @@ def markdown(results: dict[str, Any], order: list[str]) -> str:
             rows.append([
                 name, f"{100 * r['joint']:.1f}", *[f"{100 * a:.1f}" for a in r["per_task"]],
                 f"{100 * r['avg']:.1f}", f"{r['seconds']:.1f}" if "seconds" in r else "",
-                _alpha_cell(r.get("alpha")),
+                _alpha_cell(r.get("alpha")), _cost(r.get("params")), _cost(r.get("flops")),
             ])  # fmt: skip
         text += ["", f"## pair {p['pair']}: tasks {p['tasks']} (split seed {p['split_seed']}, "
                  f"model seeds {p['model_seeds']})", "", md_table(header, rows)]  # fmt: skip

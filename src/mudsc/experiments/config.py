@@ -30,6 +30,7 @@ from mudsc.models.registry import given, shown
 from mudsc.train import TrainConfig
 
 HETERO_TASKS = ("classification", "autoencode", "denoise", "rotation")
+ALPHA_SCORES = ("accuracy", "agreement", "loss")
 # MergeConfig fields the experiment sets itself (top-level keys, the device, the
 # calibration split); every other field may be set under ``merge:``.
 RUNNER_MERGE_FIELDS = ("method", "alpha", "alpha_grid", "holdout", "device", "seed", "stop_at")
@@ -55,6 +56,44 @@ class Calibration:
     holdout: float = 0.2
     augment: bool = False
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One knob setting of a study: the top-level merge settings with some of them changed.
+
+    Its merges are the rows ``METHOD @ NAME`` beside the top level's; the sources, the test
+    set and every other setting are shared, so one training serves the whole study.
+    ``calibration`` holds only the changed calibration keys.
+    """
+
+    name: str
+    methods: tuple[str, ...] = ()
+    alpha: float | str | None = None
+    alpha_grid: tuple[float, ...] | None = None
+    alpha_score: str | None = None
+    merge: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    stop_at: str | int | None = None
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """Everything one row's merges depend on beyond the sources: the top level's settings
+    (``label`` empty) or a variant's, resolved."""
+
+    label: str
+    methods: tuple[str, ...]
+    alpha: float | str
+    alpha_grid: tuple[float, ...]
+    alpha_score: str
+    merge: dict[str, Any]
+    calibration: Calibration
+    stop_at: str | int | None = None
+
+    def row(self, method: str) -> str:
+        """The row name of ``method`` merged with these settings."""
+        return f"{method} @ {self.label}" if self.label else method
 
 
 @dataclass(frozen=True)
@@ -90,11 +129,13 @@ class ExperimentConfig:
     methods: tuple[str, ...] = ()
     alpha: float | str = "auto"
     alpha_grid: tuple[float, ...] = ALPHA_GRID
+    alpha_score: str = "accuracy"
     merge: dict[str, Any] = field(default_factory=dict)
     calibration: Calibration = field(default_factory=Calibration)
     eval_batch_size: int = 500
     output_dir: str = ""
     hetero: HeteroSettings | None = None
+    variants: tuple[Variant, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -102,6 +143,30 @@ class ExperimentConfig:
         if self.hetero is None:
             d.pop("hetero")
         return d
+
+    def settings(self) -> list[MergeSettings]:
+        """The top level's merge settings, then every variant's, resolved."""
+        top = MergeSettings(
+            "", self.methods, self.alpha, self.alpha_grid, self.alpha_score, dict(self.merge),
+            self.calibration,
+        )  # fmt: skip
+        return [top] + [
+            MergeSettings(
+                v.name,
+                v.methods or self.methods,
+                self.alpha if v.alpha is None else v.alpha,
+                self.alpha_grid if v.alpha_grid is None else v.alpha_grid,
+                v.alpha_score or self.alpha_score,
+                {**self.merge, **v.merge},
+                dataclasses.replace(self.calibration, **v.calibration),
+                v.stop_at,
+            )
+            for v in self.variants
+        ]
+
+    def rows(self) -> list[str]:
+        """Every merge row name, in table order."""
+        return [s.row(m) for s in self.settings() for m in s.methods]
 
 
 # --- field checks ----------------------------------------------------------------------
@@ -213,9 +278,14 @@ def _train(raw: Any) -> TrainConfig:
     return TrainConfig(**{k: checks[k](f"train.{k}", v) for k, v in values.items()})
 
 
-def _calibration(raw: Any) -> Calibration:
+def _calibration(raw: Any, key: str = "calibration") -> Calibration:
+    values = _calibration_values(raw, key)
+    return Calibration(**values)
+
+
+def _calibration_values(raw: Any, key: str) -> dict[str, Any]:
     keys = tuple(f.name for f in fields(Calibration))
-    values = _mapping("calibration", raw, keys)
+    values = _mapping(key, raw, keys)
     checks: dict[str, Callable[[str, Any], Any]] = {
         "size": lambda k, v: _int(k, v, 2),
         "batch_size": lambda k, v: _int(k, v, 1),
@@ -223,23 +293,68 @@ def _calibration(raw: Any) -> Calibration:
         "augment": _bool,
         "seed": _int,
     }
-    return Calibration(**{k: checks[k](f"calibration.{k}", v) for k, v in values.items()})
+    return {k: checks[k](f"{key}.{k}", v) for k, v in values.items()}
 
 
-def _merge_options(raw: Any, methods: tuple[str, ...]) -> dict[str, Any]:
-    values = _mapping("merge", raw, MERGE_KEYS)
+def _merge_options(raw: Any, methods: tuple[str, ...], section: str = "merge") -> dict[str, Any]:
+    values = _mapping(section, raw, MERGE_KEYS)
     hints = typing.get_type_hints(MergeConfig)
     for key, value in values.items():  # before MergeConfig, whose messages echo values whole
         if not _fits(value, hints[key]):
-            raise _fail(f"merge.{key}", _expected(hints[key]), value)
+            raise _fail(f"{section}.{key}", _expected(hints[key]), value)
     for method in methods:
         try:
             MergeConfig(method=method, **values)
         except MudscError as exc:
-            raise ConfigError(f"config section 'merge': {exc}") from None
+            raise ConfigError(f"config section {section!r}: {exc}") from None
         except TypeError as exc:  # a value of the wrong type inside MergeConfig's checks
             raise ConfigError(f"config section 'merge': a value has a wrong type ({exc})") from None
     return values
+
+
+VARIANT_KEYS = tuple(f.name for f in fields(Variant))
+
+
+def _variants(raw: Any, methods: tuple[str, ...]) -> tuple[Variant, ...]:
+    """The ``variants`` list: each a name and the top-level settings it changes."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise _fail("variants", "a non-empty list of mappings, each with a 'name'", raw)
+    variants = tuple(_variant(f"variants[{i}]", item, methods) for i, item in enumerate(raw))
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"config key 'variants' names a variant twice: {shown(names)}")
+    return variants
+
+
+def _variant(key: str, raw: Any, methods: tuple[str, ...]) -> Variant:
+    values = _mapping(key, raw, VARIANT_KEYS)
+    if "name" not in values:
+        raise ConfigError(f"config key {key!r} needs a 'name' (the rows read METHOD @ NAME)")
+    name = values["name"]
+    if not isinstance(name, str) or not name.strip() or "@" in name or len(name) > 40:
+        raise _fail(f"{key}.name", "a short non-empty label without '@'", name)
+    own = _methods(values["methods"]) if "methods" in values else ()
+    return Variant(
+        name=name,
+        methods=own,
+        alpha=None if values.get("alpha") is None else _alpha(values["alpha"]),
+        alpha_grid=None if values.get("alpha_grid") is None else _grid(values["alpha_grid"]),
+        alpha_score=_optional(_choice)(
+            f"{key}.alpha_score", values.get("alpha_score"), ALPHA_SCORES
+        ),  # fmt: skip
+        merge=_merge_options(values.get("merge"), own or methods, f"{key}.merge"),
+        calibration=_calibration_values(values.get("calibration"), f"{key}.calibration"),
+        stop_at=_stop_at(f"{key}.stop_at", values.get("stop_at")),
+    )
+
+
+def _stop_at(key: str, value: Any) -> str | int | None:
+    """A partial merge's stop point: a module path or a count of spaces >= 1."""
+    if value is None or (isinstance(value, str) and value.strip()):
+        return value
+    return _int(key, value, 1)
 
 
 def _methods(raw: Any) -> tuple[str, ...]:
@@ -308,7 +423,9 @@ _COMMON = (
     "train_images_per_class", "test_images_per_class", "methods", "alpha", "alpha_grid",
     "merge", "calibration", "eval_batch_size", "output_dir",
 )  # fmt: skip
-CLASSIFICATION_KEYS = ("head_seed", "split", "pairs", "split_seeds", "model_seeds")
+CLASSIFICATION_KEYS = (
+    "head_seed", "split", "pairs", "split_seeds", "model_seeds", "alpha_score", "variants",
+)  # fmt: skip
 HETERO_KEYS = ("tasks", "task_pairs", "seeds", "noise_std", "keep_heads")
 
 
@@ -344,6 +461,8 @@ def classification_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
     """The ``classification`` kind's keys (:data:`CLASSIFICATION_KEYS`) as config fields."""
     pairs, split_seeds, model_seeds = _pairs_and_seeds(raw)
     return {
+        "alpha_score": _choice("alpha_score", raw.get("alpha_score", "accuracy"), ALPHA_SCORES),
+        "variants": _variants(raw.get("variants"), _methods(raw.get("methods"))),
         "head_seed": _int("head_seed", raw.get("head_seed", 0)),
         "split": raw.get("split", "5+5"),
         "pairs": pairs,

@@ -15,6 +15,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from torch import Tensor, nn
 
+from mudsc.experiments.config import MergeSettings
 from mudsc.experiments.reports import ReportFiles
 from mudsc.merge import MergeResult
 
@@ -37,6 +38,8 @@ class SourceJob(Generic[T]):
 
 
 Ensure = Callable[[SourceJob[Any]], tuple[Any, bool]]  # -> (artefact, reused)
+Score = Callable[[MergeResult], float]
+Prepare = Callable[[MergeSettings], tuple[list[Tensor], Score]]
 
 
 @dataclass
@@ -46,6 +49,8 @@ class MergeGroup:
     ``score`` ranks the candidates of ``alpha: auto`` (on images the statistics never
     saw); ``evaluate`` gives the chosen merge's JSON-ready test numbers.  ``entry`` is the
     group's identification in results.json and ``rows`` the rows known before merging.
+    ``prepare`` (pools that support variants) gives the calibration batches and the score
+    of one row's settings; without it every row uses ``batches`` and ``score``.
     """
 
     label: str
@@ -54,10 +59,15 @@ class MergeGroup:
     hashes: list[Any]
     key: dict[str, Any]
     batches: list[Tensor]
-    score: Callable[[MergeResult], float]
+    score: Score
     evaluate: Callable[[MergeResult], dict[str, Any]]
     entry: dict[str, Any] = field(default_factory=dict)
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    prepare: Prepare | None = None
+
+    def inputs(self, settings: MergeSettings) -> tuple[list[Tensor], Score]:
+        """The calibration batches and the alpha score for merges under ``settings``."""
+        return (self.batches, self.score) if self.prepare is None else self.prepare(settings)
 
 
 class TaskPool(Protocol):

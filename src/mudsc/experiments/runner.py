@@ -31,6 +31,7 @@ from mudsc.experiments.config import (
     CLASSIFICATION_KEYS,
     HETERO_KEYS,
     ExperimentConfig,
+    MergeSettings,
     classification_fields,
     hetero_fields,
 )
@@ -115,17 +116,26 @@ def ensure_source(job: SourceJob[Any], force: bool, progress: Progress) -> tuple
     return job.make(), False
 
 
-def merge_key(cfg: ExperimentConfig, method: str, group: MergeGroup) -> dict[str, Any]:
-    """What a merge record depends on: the method's settings, the group, the source hashes."""
+def merge_key(settings: MergeSettings, method: str, group: MergeGroup, cfg: ExperimentConfig
+              ) -> dict[str, Any]:  # fmt: skip
+    """What a merge record depends on: the method's settings, the group, the source hashes
+    (keys the top level has always had keep their form, so old records stay valid)."""
     alpha = METHODS[method].uses_alpha
+    auto = alpha and settings.alpha == "auto"
+    extra: dict[str, Any] = {}
+    if auto and settings.alpha_score != "accuracy":
+        extra["alpha_score"] = settings.alpha_score
+    if settings.stop_at is not None:
+        extra["stop_at"] = settings.stop_at
     return make_key(
         {
             "method": method,
-            "alpha": cfg.alpha if alpha else None,
-            "alpha_grid": cfg.alpha_grid if alpha and cfg.alpha == "auto" else None,
-            "merge": cfg.merge,
-            "calibration": asdict(cfg.calibration),
+            "alpha": settings.alpha if alpha else None,
+            "alpha_grid": settings.alpha_grid if auto else None,
+            "merge": settings.merge,
+            "calibration": asdict(settings.calibration),
             "test_images_per_class": cfg.test_images_per_class,
+            **extra,
             **group.key,
         },
         {"sources": group.hashes},
@@ -136,7 +146,7 @@ def run_merge(
     models: list[nn.Module],
     batches: list[Tensor],
     method: str,
-    cfg: ExperimentConfig,
+    settings: MergeSettings,
     score: Callable[[MergeResult], float],
     device: Any,
 ) -> tuple[MergeResult, dict[str, Any]]:
@@ -145,10 +155,11 @@ def run_merge(
     uses_alpha = METHODS[method].uses_alpha
     config = MergeConfig(
         method=method,
-        alpha=cfg.alpha if uses_alpha else 0.5,
-        alpha_grid=cfg.alpha_grid,
+        alpha=settings.alpha if uses_alpha else 0.5,
+        alpha_grid=settings.alpha_grid,
         device=str(device),
-        **cfg.merge,
+        stop_at=settings.stop_at,
+        **settings.merge,
     )
     start = time.perf_counter()
     result = merge_models(models, batches, config, score_fn=score if uses_alpha else None)
@@ -165,10 +176,10 @@ def run_merge(
 
 def folder_key(cfg: ExperimentConfig) -> dict[str, Any]:
     """What makes an output folder this experiment's own: the resolved config, less where
-    things live (output_dir, data_dir) and the method list (each method is its own record,
-    so adding one resumes the folder)."""
+    things live (output_dir, data_dir), the method list, the variants and the alpha score
+    (each merge is its own record keyed by them, so adding one resumes the folder)."""
     config = jsonable(cfg.to_dict())
-    for where in ("output_dir", "data_dir", "methods"):
+    for where in ("output_dir", "data_dir", "methods", "variants", "alpha_score"):
         config.pop(where, None)
     return make_key(config)
 
@@ -192,24 +203,35 @@ class _Run:
         return artefact, reused
 
     def merge_group(self, group: MergeGroup, row_keys: tuple[str, ...]) -> dict[str, Any]:
-        """Every method on one group; each merge reused from its record or done and saved."""
-        methods = self.cfg.methods
+        """Every method under every settings (the top level's, each variant's) on one group;
+        each merge reused from its record or done and saved."""
         label = f"{group.label}: merge"
         rows = dict(group.rows)
-        for j, method in enumerate(methods):
-            self.progress(label, j, len(methods), method)
-            path = group.folder / f"{method}.json"
-            key = merge_key(self.cfg, method, group)
+        todo = [(s, m) for s in self.cfg.settings() for m in s.methods]
+        inputs: dict[str, tuple[list[Tensor], Callable[[MergeResult], float]]] = {}
+        for j, (settings, method) in enumerate(todo):
+            name = settings.row(method)
+            self.progress(label, j, len(todo), name)
+            path = group.folder / _record_name(name)
+            key = merge_key(settings, method, group, self.cfg)
             record = read_record(path, key, self.force)
             if record is None:
+                if settings.label not in inputs:  # drawn once per settings, only if needed
+                    inputs[settings.label] = group.inputs(settings)
+                batches, score = inputs[settings.label]
                 result, info = run_merge(
-                    group.models, group.batches, method, self.cfg, group.score, self.device
+                    group.models, batches, method, settings, score, self.device
                 )
                 record = write_record(path, key, {**info, **group.evaluate(result)})
                 self.work["merged"] += 1
-            rows[method] = {k: record[k] for k in row_keys}
-        self.progress(label, len(methods), len(methods), "done")
+            rows[name] = {k: record[k] for k in row_keys if k in record}
+        self.progress(label, len(todo), len(todo), "done")
         return {**group.entry, "rows": rows}
+
+
+def _record_name(row: str) -> str:
+    """The record file of a row: ``mudsc-zip.json``, or ``mudsc-zip@cal-250.json``."""
+    return row.replace(" @ ", "@").replace("/", "_") + ".json"
 
 
 def _make_folder(out: Path) -> None:
