@@ -123,3 +123,11 @@ def test_a_variant_calibration_larger_than_the_data_is_refused(tmp_path: Path) -
     with pytest.raises(ConfigError, match="variant 'big'"):
         runner.run_experiment(cfg)
     assert not (tmp_path / "o").exists()
+
+
+def test_partial_merges_draw_the_frontier(study: tuple[Path, dict]) -> None:
+    out, _ = study
+    png = (out / "results-frontier.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    table = (out / "results.md").read_text()
+    assert "params x" in table and "FLOPs x" in table

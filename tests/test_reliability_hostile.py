@@ -435,8 +435,10 @@ def test_a_partial_record_rebuilds(record: tuple) -> None:
         (lambda m: m.update(n_models=3), "'n_models' is 3 but the tensors hold 2 models"),
         (lambda m: m.update(stop_at=[1]), "'stop_at' must be a module path"),
         (lambda m: m["spec"]["spaces"][0].update(size=10**9), "field 'spec': space"),
-        (lambda m: m["spec"].update(spaces=[{"size": 3}]),
-         r"field 'spec': merge spec: spaces\[0\] lacks the field 'name'"),
+        (
+            lambda m: m["spec"].update(spaces=[{"size": 3}]),
+            r"field 'spec': merge spec: spaces\[0\] lacks the field 'name'",
+        ),
     ],
 )
 def test_hostile_partial_records_are_refused_before_building(

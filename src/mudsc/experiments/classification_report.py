@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from mudsc.experiments.reports import Chart, ReportFiles, machine_line, md_table, pct
+from mudsc.plots.frontier import frontier_png, frontier_points, has_partial
 
 
 def _ratio(ms: dict[str, float] | None) -> str:
@@ -108,6 +109,22 @@ def chart(results: dict[str, Any], order: list[str]) -> Chart:
     return Chart(title, names, series, "test accuracy (%)")
 
 
+def frontier(results: dict[str, Any]) -> dict[str, bytes]:
+    """results-frontier.png when the experiment has partial merges (rows costing more than
+    one model): accuracy against parameters and FLOPs."""
+    n_models = len(results["pairs"][0]["tasks"])
+    points = frontier_points(results["summary"], n_models)
+    if not has_partial(points):
+        return {}
+    cfg = results["config"]
+    title = (f"{results['name']}: {cfg['arch']} {cfg['arch_args']}, partial merges, "
+             f"{len(results['pairs'])} pair(s), mean ± std")  # fmt: skip
+    return {"results-frontier.png": frontier_png(points, title)}
+
+
 def classification_report(results: dict[str, Any], order: list[str]) -> ReportFiles:
-    """All three report files, rows in ``order``."""
-    return ReportFiles(markdown(results, order), csv_text(results, order), chart(results, order))
+    """The report files, rows in ``order`` (and the frontier figure of partial merges)."""
+    return ReportFiles(
+        markdown(results, order), csv_text(results, order), chart(results, order),
+        frontier(results),
+    )  # fmt: skip

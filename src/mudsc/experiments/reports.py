@@ -6,7 +6,7 @@ import math
 import os
 import platform
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ class ReportFiles:
     markdown: str
     csv: str
     chart: Chart
+    figures: dict[str, bytes] = field(default_factory=dict)  # further PNGs, by file name
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:
@@ -118,3 +119,5 @@ def write_report(out: Path, results_json: str, files: ReportFiles) -> None:
     atomic_write_text(out / "results.csv", files.csv)
     atomic_write_text(out / "results.md", files.markdown)
     atomic_write_bytes(out / "results.png", png_bytes(files.chart))
+    for name, png in files.figures.items():
+        atomic_write_bytes(out / name, png)
