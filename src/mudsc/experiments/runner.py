@@ -118,8 +118,9 @@ def ensure_source(job: SourceJob[Any], force: bool, progress: Progress) -> tuple
 
 def merge_key(settings: MergeSettings, method: str, group: MergeGroup, cfg: ExperimentConfig
               ) -> dict[str, Any]:  # fmt: skip
-    """What a merge record depends on: the method's settings, the group, the source hashes
-    (keys the top level has always had keep their form, so old records stay valid)."""
+    """What a merge record depends on: the method's resolved settings (every MergeConfig
+    field, defaults included, so a record made under other defaults is made again), the
+    group, the source hashes."""
     alpha = METHODS[method].uses_alpha
     auto = alpha and settings.alpha == "auto"
     extra: dict[str, Any] = {}
@@ -132,13 +133,29 @@ def merge_key(settings: MergeSettings, method: str, group: MergeGroup, cfg: Expe
             "method": method,
             "alpha": settings.alpha if alpha else None,
             "alpha_grid": settings.alpha_grid if auto else None,
-            "merge": settings.merge,
+            "merge": {
+                k: v
+                for k, v in merge_config(settings, method, "cpu").to_dict().items()
+                if k != "device"
+            },  # fmt: skip
             "calibration": asdict(settings.calibration),
             "test_images_per_class": cfg.test_images_per_class,
             **extra,
             **group.key,
         },
         {"sources": group.hashes},
+    )
+
+
+def merge_config(settings: MergeSettings, method: str, device: Any) -> MergeConfig:
+    """The MergeConfig of one row's merges (alpha 0.5 for methods that do not use it)."""
+    return MergeConfig(
+        method=method,
+        alpha=settings.alpha if METHODS[method].uses_alpha else 0.5,
+        alpha_grid=settings.alpha_grid,
+        device=str(device),
+        stop_at=settings.stop_at,
+        **settings.merge,
     )
 
 
@@ -153,14 +170,7 @@ def run_merge(
     """One merge with the engine (``alpha: auto`` searched there, one trace and one
     statistics pass for the whole grid); returns the result and a JSON-ready record."""
     uses_alpha = METHODS[method].uses_alpha
-    config = MergeConfig(
-        method=method,
-        alpha=settings.alpha if uses_alpha else 0.5,
-        alpha_grid=settings.alpha_grid,
-        device=str(device),
-        stop_at=settings.stop_at,
-        **settings.merge,
-    )
+    config = merge_config(settings, method, device)
     start = time.perf_counter()
     result = merge_models(models, batches, config, score_fn=score if uses_alpha else None)
     seconds = time.perf_counter() - start
