@@ -131,3 +131,15 @@ def test_partial_merges_draw_the_frontier(study: tuple[Path, dict]) -> None:
     assert png.startswith(b"\x89PNG") and len(png) > 5000
     table = (out / "results.md").read_text()
     assert "params x" in table and "FLOPs x" in table
+
+
+def test_the_study_table_has_a_line_per_variant(study: tuple[Path, dict]) -> None:
+    out, _ = study
+    table = (out / "results.md").read_text()
+    head = "| variant | zipit | mudsc-zip |"
+    assert head in table
+    lines = table.split(head)[1].strip().splitlines()[1:7]
+    assert [line.split("|")[1].strip() for line in lines] == [
+        "(top level)", "small", "a0", "agree", "loss", "stop-1",
+    ]  # fmt: skip
+    assert lines[2].split("|")[2].strip() == ""  # a0 has no zipit row

@@ -21,6 +21,25 @@ def _alpha_cell(alpha: Any) -> str:
     return f"{alpha:g}" if isinstance(alpha, int | float) else ""
 
 
+def study_table(summary: dict[str, Any], order: list[str]) -> list[str]:
+    """With variants: one line per settings (top level first), one column per method,
+    each cell joint / avg (mean ± std); the knob-at-a-time view of a study."""
+    merged = [n for n in order if not n.startswith("model ") and n != "ensemble"]
+    labels = list(dict.fromkeys(n.partition(" @ ")[2] for n in merged))
+    if labels == [""]:
+        return []
+    methods = list(dict.fromkeys(n.partition(" @ ")[0] for n in merged))
+    lines = []
+    for label in labels:
+        cells = []
+        for method in methods:
+            s = summary.get(f"{method} @ {label}" if label else method)
+            cells.append(f"{pct(s['joint'])} / {pct(s['avg'])}" if s else "")
+        lines.append([label or "(top level)", *cells])
+    return ["", "Joint / avg accuracy per variant (one knob changed from the top level):", "",
+            md_table(["variant", *methods], lines)]  # fmt: skip
+
+
 def markdown(results: dict[str, Any], order: list[str]) -> str:
     """results.md: the summary table, then one table per pair."""
     cfg, summary, pairs = results["config"], results["summary"], results["pairs"]
@@ -48,6 +67,7 @@ def markdown(results: dict[str, Any], order: list[str]) -> str:
         f"'{cfg['alpha']}' in the config), 1 for weight-only matching.",
         "",
         md_table(header, lines),
+        *study_table(summary, order),
         "",
         f"{machine_line(results['machine'])} Created {results['created']}; this invocation "
         f"took {results['wall_seconds']:.0f} s (trained {results['work']['trained']} models, "
