@@ -70,7 +70,9 @@ def test_restart_is_the_plain_rule_with_cached_similarities(name: str, seed: int
 def test_restart_keeps_the_best_sweep_and_is_deterministic(monkeypatch) -> None:
     scores: list[float] = []
     real = sweeps_module.sweep_score
-    monkeypatch.setattr(sweeps_module, "sweep_score", lambda m: scores.append(real(m)) or scores[-1])
+    monkeypatch.setattr(
+        sweeps_module, "sweep_score", lambda m: scores.append(real(m)) or scores[-1]
+    )
     runs = [_sweep("mudsc-zip", name="vgg11", sweep_rule="restart", patience=3, seed=2)
             for _ in range(2)]  # fmt: skip
     per_run = len(scores) // 2
@@ -78,7 +80,8 @@ def test_restart_keeps_the_best_sweep_and_is_deterministic(monkeypatch) -> None:
     assert len(first) == runs[0].sweeps
     assert real(runs[0].matches) == max(first) >= first[0]  # never below the first sweep
     assert scores[per_run:] == first
-    assert all(torch.equal(m.unmerge, runs[1].matches[k].unmerge) for k, m in runs[0].matches.items())
+    again = runs[1].matches
+    assert all(torch.equal(m.unmerge, again[k].unmerge) for k, m in runs[0].matches.items())
 
 
 def test_restart_counts_the_same_stale_sweeps(monkeypatch) -> None:
@@ -106,7 +109,8 @@ def test_restart_can_change_the_result() -> None:
 
 
 def test_an_unknown_sweep_rule_is_one_line() -> None:
-    with pytest.raises(ConfigError, match=r"^unknown sweep_rule 'again'; valid: continue, restart$"):
+    line = r"^unknown sweep_rule 'again'; valid: continue, restart$"
+    with pytest.raises(ConfigError, match=line):
         MergeConfig(sweep_rule="again")
     with pytest.raises(ConfigError, match="valid: continue, restart"):
         SweepLimits(10, 2, 0.0, 0, "again")

@@ -39,6 +39,24 @@ def _call_order(model: nn.Module, x: Tensor) -> list[str]:
     return order
 
 
+def _seen(model: nn.Module, x: Tensor, outputs: list[str], inputs: list[str]) -> dict[str, Tensor]:
+    """The output of each module of ``outputs`` and the input of each of ``inputs``."""
+    seen: dict[str, Tensor] = {}
+
+    def keep(name: str, value: Tensor) -> None:
+        seen[name] = value
+
+    hooks = [model.get_submodule(n).register_forward_hook(
+                 lambda _m, _a, out, n=n: keep(n, out)) for n in outputs]  # fmt: skip
+    hooks += [model.get_submodule(n).register_forward_pre_hook(
+                  lambda _m, args, n=n: keep(n, args[0])) for n in inputs]  # fmt: skip
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
 def test_taps_are_listed_in_graph_order() -> None:
     model, spec, x = _resnet20()
     order = _call_order(model, x)
@@ -56,19 +74,11 @@ def test_last_keeps_one_tap_the_stream_after_the_stage_last_addition() -> None:
     assert taps["layer1.res"] == [("layer2.0.shortcut.0", "input")]
     assert taps["layer2.res"] == [("layer3.0.shortcut.0", "input")]
     assert taps["layer3.res"] == [("head", "input")]
-    seen: dict[str, Tensor] = {}
-    hooks = [model.get_submodule(f"layer{k}").register_forward_hook(
-                 lambda _m, _a, out, k=k: seen.__setitem__(f"layer{k}", out)) for k in (1, 2, 3)]
-    hooks += [model.get_submodule(m).register_forward_pre_hook(
-                  lambda _m, args, m=m: seen.__setitem__(m, args[0]))
-              for m in ("layer2.0.shortcut.0", "layer3.0.shortcut.0", "head")]  # fmt: skip
-    with torch.no_grad():
-        model(x)
-    for h in hooks:
-        h.remove()
+    seen = _seen(model, x, outputs=["layer1", "layer2", "layer3"], inputs=[m for m, _ in
+                 taps["layer1.res"] + taps["layer2.res"] + taps["layer3.res"]])  # fmt: skip
     assert torch.equal(seen["layer2.0.shortcut.0"], seen["layer1"])  # after layer1.2's add
     assert torch.equal(seen["layer3.0.shortcut.0"], seen["layer2"])
-    assert torch.equal(seen["head"], seen["layer3"].mean((2, 3)))  # pooled
+    assert torch.allclose(seen["head"], seen["layer3"].mean((2, 3)))  # pooled
 
 
 def test_single_tap_spaces_and_the_all_rule_are_unchanged() -> None:
@@ -110,8 +120,9 @@ def test_merge_and_estimate_read_the_configured_taps(monkeypatch) -> None:
     models = [c.model, case("resnet20", 2).model]
     seen: list[MergeSpec] = []
     real = mudsc.merge.statistics_stage
-    monkeypatch.setattr(mudsc.merge, "statistics_stage",
-                        lambda models, spec, *a: seen.append(spec) or real(models, spec, *a))  # fmt: skip
+    monkeypatch.setattr(
+        mudsc.merge, "statistics_stage", lambda m, spec, *a: seen.append(spec) or real(m, spec, *a)
+    )
     cfg = MergeConfig("zipit", taps="last", repair="none")
     merge_models(models, c.batches, cfg, spec=c.spec)
     assert all(len(s.taps) <= 1 for s in seen[0].mergeable)
