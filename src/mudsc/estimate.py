@@ -28,6 +28,7 @@ from mudsc.methods import METHODS, Method
 from mudsc.modes import eval_mode
 from mudsc.renorm import resolve_mode
 from mudsc.spaces import MergeSpec
+from mudsc.spaces.taps import select_taps
 from mudsc.stats import CHUNK_ROWS
 
 if TYPE_CHECKING:
@@ -236,7 +237,8 @@ def estimate_merge(
     n = len(models)
     spaces = _space_sizes(spec, n, method)
     batch = max((len(b) for b in batches), default=1)
-    sizing = size_forward(models[0], spec, batches[0][:2]) if batches else _Sizing(0, {})
+    observed = select_taps(spec, config.taps)  # the taps the statistics pass reads
+    sizing = size_forward(models[0], observed, batches[0][:2]) if batches else _Sizing(0, {})
     state = _state_bytes(models[0])
     sims = sum(s.matrix_bytes for s in spaces if s.observed)
     widest = max((s.matrix_bytes for s in spaces), default=0)

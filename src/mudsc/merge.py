@@ -8,7 +8,7 @@ its similarity and solver; nothing is chosen by substrings of a name or by flags
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -20,12 +20,14 @@ from mudsc.errors import ConfigError, SpecError
 from mudsc.estimate import check_memory, estimate_merge
 from mudsc.methods import METHODS, Method
 from mudsc.precision import check_precision
+from mudsc.presets import PRESETS
 from mudsc.progress import Progress
 from mudsc.renorm import REPAIR_MODES
-from mudsc.similarity import ALPHA, Similarity
+from mudsc.similarity import ALPHA, Similarity, with_weight_kind
 from mudsc.solvers.catalogue import ZIP_A, ZIP_B
 from mudsc.solvers.match import Match
 from mudsc.spaces import MergeSpec
+from mudsc.spaces.taps import TAP_RULES, select_taps
 from mudsc.stages import (
     Candidate,
     Traced,
@@ -42,10 +44,12 @@ from mudsc.stages import (
     statistics_stage,
     trace_stage,
 )
-from mudsc.sweeps import SweepEngine, SweepLimits
+from mudsc.sweeps import SWEEP_RULES, SweepEngine, SweepLimits
 from mudsc.timing import StageTimer
 
 ALPHA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+WEIGHT_SIMILARITIES = ("method", "correlation", "inner")
+"""``MergeConfig.weight_similarity``: the method's own kind, or one for every method."""
 
 
 def _help(text: str) -> dict[str, str]:
@@ -101,9 +105,38 @@ class MergeConfig:
         default=True,
         metadata=_help("refuse a merge whose estimated peak memory exceeds what is free"),
     )
+    taps: str = field(
+        default="all",
+        metadata=_help(
+            "where a space with several taps (a residual stream) is observed: all (every "
+            "consumer's input) or last (its last read in graph order, as the authors)"
+        ),
+    )
+    weight_similarity: str = field(
+        default="method",
+        metadata=_help(
+            "weight similarity of the weight sweeps: method (the method's own: inner "
+            "products for rebasin, correlation otherwise), correlation or inner"
+        ),
+    )
+    sweep_rule: str = field(
+        default="continue",
+        metadata=_help(
+            "after a weight sweep that does not improve: continue from where it ended, or "
+            "restart from the best matching so far (the authors' rule)"
+        ),
+    )
+    preset: str = field(
+        default="mudsc",
+        metadata=_help(
+            "the named preset the settings start from (mudsc.presets.PRESETS); "
+            "MergeConfig.from_preset and --preset apply it, explicit values win"
+        ),
+    )
 
     def __post_init__(self) -> None:
         METHODS.get(self.method)
+        PRESETS.get(self.preset)
         object.__setattr__(self, "alpha", _parse_alpha(self.alpha))
         _check_alpha_grid(self.alpha_grid)
         _check_holdout(self.holdout)
@@ -121,11 +154,33 @@ class MergeConfig:
             raise ConfigError("stats_dtype must be 'float32' or 'float64'")
         _check_device(self.device)
         check_precision(self.precision, self.device)
+        _check_choice("taps", self.taps, TAP_RULES)
+        _check_choice("weight_similarity", self.weight_similarity, WEIGHT_SIMILARITIES)
+        _check_choice("sweep_rule", self.sweep_rule, SWEEP_RULES)
+
+    @classmethod
+    def from_preset(cls, preset: str = "mudsc", **values: Any) -> MergeConfig:
+        """The config of the named preset (:data:`mudsc.presets.PRESETS`), with ``values``
+        (any other field) winning over the preset's."""
+        _check_options(values)
+        return cls(**{**PRESETS.get(preset).values(), **values, "preset": preset})
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["alpha_grid"] = list(self.alpha_grid)
         return d
+
+
+def _check_options(values: Mapping[str, Any]) -> None:
+    known = {f.name for f in fields(MergeConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown merge option(s) {unknown}; valid options: {sorted(known)}")
+
+
+def _check_choice(name: str, value: object, valid: Sequence[str]) -> None:
+    if value not in valid:
+        raise ConfigError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
 def _is_number(value: object) -> bool:
@@ -230,6 +285,15 @@ def alpha_candidates(similarity: Similarity | None, cfg: MergeConfig) -> list[fl
     return [float(cfg.alpha)]
 
 
+def method_similarity(method: Method, cfg: MergeConfig) -> Similarity | None:
+    """The similarity ``method`` computes under ``cfg``: its own, reading the configured
+    kind of weight similarity where it reads one (``cfg.weight_similarity``)."""
+    similarity = method.similarity_record
+    if similarity is None or cfg.weight_similarity == "method":
+        return similarity
+    return with_weight_kind(similarity, cfg.weight_similarity)  # type: ignore[arg-type]
+
+
 def solver_params(method: Method, cfg: MergeConfig) -> dict[str, float]:
     """The solver's declared parameters, from the config's field of the same name (a
     parameter the config has no field for keeps its declared default)."""
@@ -275,19 +339,21 @@ def merge_models(
     s_act: dict[str, Tensor] = {}
     if method.needs_activations:
         with timer.stage("statistics"):
+            observed = select_taps(traced.spec, cfg.taps)
             moments = statistics_stage(
-                sources, traced.spec, fit, cfg.device, cfg.stats_dtype, progress, cfg.precision
+                sources, observed, fit, cfg.device, cfg.stats_dtype, progress, cfg.precision
             )
             s_act = activation_similarities(moments)
     states = [{k: v.detach() for k, v in m.state_dict().items()} for m in sources]
+    similarity = method_similarity(method, cfg)
     engine = SweepEngine(
-        traced.spec, states, method.similarity_record, method.solver_record,
-        solver_params(method, cfg), s_act, timer, progress,
+        traced.spec, states, similarity, method.solver_record, solver_params(method, cfg),
+        s_act, timer, progress,
     )  # fmt: skip
     with timer.stage("solve"):
         start = break_dead_ties(engine, engine.initial())
     run = _Candidates(cfg, sources, states, traced, fit, held, engine, start, timer, score_fn)
-    alphas = alpha_candidates(method.similarity_record, cfg)
+    alphas = alpha_candidates(similarity, cfg)
     best, scores = alpha_search(alphas, run.build, run.score, timer, progress)
     timer.seconds.setdefault("assignment", 0.0)
     return MergeResult(
@@ -325,7 +391,8 @@ class _Candidates:
         matches, sweeps = self.start, 0
         if alpha is not None:
             with timer.stage("sweeps"):
-                limits = SweepLimits(cfg.max_sweeps, cfg.patience, cfg.tolerance, cfg.seed)
+                limits = SweepLimits(cfg.max_sweeps, cfg.patience, cfg.tolerance, cfg.seed,
+                                     cfg.sweep_rule)  # fmt: skip
                 matches, sweeps = self.engine.sweep(self.start, alpha, limits)
         with timer.stage("apply"):
             merged = apply_stage(self.sources, self.states, self.traced, matches, cfg.stop_at)
@@ -358,12 +425,9 @@ def merge(
 
     ``data`` is an iterable of input batches (labels unused); ``method`` is a name in
     :data:`mudsc.methods.METHODS`; every other keyword is a :class:`MergeConfig` field
-    (``alpha`` may be ``"auto"``).  Returns the merged model; use :func:`merge_models` for
-    the record.
+    (``alpha`` may be ``"auto"``; ``preset`` names a preset of :data:`mudsc.presets.PRESETS`
+    whose values the other keywords override).  Returns the merged model; use
+    :func:`merge_models` for the record.
     """
-    known = {f.name for f in fields(MergeConfig)}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise ConfigError(f"unknown merge option(s) {unknown}; valid options: {sorted(known)}")
-    cfg = MergeConfig(method=method, **config)
+    cfg = MergeConfig.from_preset(**{**config, "method": method})
     return merge_models(models, data, cfg, spec, score_fn, example_input).model

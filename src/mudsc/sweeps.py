@@ -3,6 +3,9 @@
 Spaces are solved in *solve groups*: a space alone, or the spaces tied in block order (an
 attention layer's q/k and v), which share one block pairing.  The weight sweeps are
 coordinate ascent over the solve groups in a seeded random order, keeping the best sweep.
+Under the ``"continue"`` rule a sweep starts from where the last one ended; under
+``"restart"`` (the authors' rule) a sweep that did not beat the best is undone, so the
+next one starts again from the best matching with a new visiting order.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from torch import Tensor
 
 from mudsc.cache import BoundedCache, budget_for
+from mudsc.errors import ConfigError
 from mudsc.progress import Progress
 from mudsc.similarity import Similarity, WeightKind, WeightSimilarity
 from mudsc.solvers import Solver, block_scores, pair_blocks
@@ -26,15 +30,24 @@ from mudsc.timing import StageTimer
 SolveGroup = tuple[Space, ...]
 """Spaces solved together: one space, or the spaces tied in block order."""
 
+SWEEP_RULES = ("continue", "restart")
+"""Where a sweep starts after one that did not improve: its end, or the best so far."""
+
 
 @dataclass(frozen=True)
 class SweepLimits:
-    """When the weight sweeps stop, and the seed of their visiting order."""
+    """When the weight sweeps stop, the seed of their visiting order, and the rule of
+    :data:`SWEEP_RULES` that says where a sweep starts after one that did not improve."""
 
     max_sweeps: int
     patience: int
     tolerance: float
     seed: int
+    rule: str = "continue"
+
+    def __post_init__(self) -> None:
+        if self.rule not in SWEEP_RULES:
+            raise ConfigError(f"unknown sweep rule {self.rule!r}; valid: {', '.join(SWEEP_RULES)}")
 
 
 def solve_groups(spec: MergeSpec) -> list[SolveGroup]:
@@ -164,18 +177,23 @@ class SweepEngine:
         self, start: Mapping[str, Match], alpha: float, limits: SweepLimits
     ) -> tuple[dict[str, Match], int]:
         """Coordinate ascent over solve groups in a seeded random order; keep the best
-        sweep.  Returns the best matches and the number of sweeps run."""
+        sweep (``limits.rule``: after one that did not improve, go on from its end or
+        from the best).  Returns the best matches and the number of sweeps run."""
         matches = dict(start)
-        best, sweeps = _Best(dict(matches), limits), 0
+        sweeps = 0
         gen = torch.Generator().manual_seed(limits.seed)
         # S(p) depends only on the matches of p's neighbours: recompute it only when one of
         # them changed since it was last computed, and re-solve a group only when one of
         # its similarities changed (exact; near convergence most of both are reused).
         # Version stamps are unique across calls, so caches kept by the engine never go
-        # stale.
+        # stale; a stamp names one match for good, so a restart that puts back the best
+        # matches with their stamps (and the keys their groups were solved for) keeps
+        # every cache exact.
         versions = {name: next(self.stamps) for name in matches}
         cached: BoundedCache[Tensor] = BoundedCache(budget_for(self.states))
         solved: dict[int, tuple[tuple[int, ...], ...]] = {}  # group -> keys it was solved for
+        current = _State(matches, versions, solved)
+        best = _Best(current, limits)
 
         def similarity(space: Space) -> tuple[tuple[int, ...], Tensor]:
             key = tuple(versions[q] for q in self.neighbours[space.name])
@@ -201,9 +219,9 @@ class SweepEngine:
                     matches[sp.name] = _shared(m, matches[sp.name])
             if self.progress:
                 self.progress("weight sweeps", sweeps, limits.max_sweeps)
-            if best.stalled(matches):
+            if best.stalled(current):
                 break
-        return best.matches, sweeps
+        return dict(best.state.matches), sweeps
 
 
 def _shared(new: Match, old: Match) -> Match:
@@ -214,19 +232,46 @@ def _shared(new: Match, old: Match) -> Match:
     return new
 
 
+@dataclass(frozen=True)
+class _State:
+    """What a sweep works on: the matches, their version stamps, and the similarity keys
+    each solve group's current matches were solved for."""
+
+    matches: dict[str, Match]
+    versions: dict[str, int]
+    solved: dict[int, tuple[tuple[int, ...], ...]]
+
+    def copy(self) -> _State:
+        return _State(dict(self.matches), dict(self.versions), dict(self.solved))
+
+    def restore(self, saved: _State) -> None:
+        """Put ``saved`` back into this state's dicts, which the sweep loop holds."""
+        _refill(self.matches, saved.matches)
+        _refill(self.versions, saved.versions)
+        _refill(self.solved, saved.solved)
+
+
+def _refill(target: dict, source: Mapping) -> None:
+    target.clear()
+    target.update(source)
+
+
 class _Best:
     """The best sweep so far, and whether ``patience`` sweeps in a row failed to beat it
-    by more than ``tolerance``."""
+    by more than ``tolerance``; under the restart rule, such a sweep is undone."""
 
-    def __init__(self, matches: dict[str, Match], limits: SweepLimits) -> None:
-        self.matches, self.limits = matches, limits
+    def __init__(self, start: _State, limits: SweepLimits) -> None:
+        self.state, self.limits = start.copy(), limits
         self.score, self.stale = -math.inf, 0
 
-    def stalled(self, matches: Mapping[str, Match]) -> bool:
-        """Record the sweep that ended with ``matches``; True when the search should stop."""
-        score = sweep_score(matches)
+    def stalled(self, current: _State) -> bool:
+        """Record the sweep that ended in ``current`` (restored to the best under the
+        restart rule when it did not improve); True when the search should stop."""
+        score = sweep_score(current.matches)
         if score > self.score + self.limits.tolerance:
-            self.matches, self.score, self.stale = dict(matches), score, 0
+            self.state, self.score, self.stale = current.copy(), score, 0
             return False
         self.stale += 1
+        if self.limits.rule == "restart":
+            current.restore(self.state)
         return self.stale >= self.limits.patience

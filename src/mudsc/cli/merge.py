@@ -25,13 +25,14 @@ from mudsc.cli.common import (
     progress_bars,
     resolve_device,
 )
-from mudsc.cli.options import config_options
+from mudsc.cli.options import config_options, given
 from mudsc.data.calibration import check_labelled_holdout
 from mudsc.data.files import TensorFile, read_tensor_file, split_batches
 from mudsc.errors import CheckpointError, ConfigError, DataError
 from mudsc.inputs import existing_directory, regular_file
 from mudsc.merge import MergeConfig, MergeResult
 from mudsc.methods import METHODS
+from mudsc.presets import presets_help
 
 
 def method_help() -> str:
@@ -119,7 +120,8 @@ def hold_out(
 @distributed.launched
 @config_options(
     MergeConfig, into="settings", skip={"alpha_grid", "device", "stop_at"},
-    types={"alpha": str}, helps={"method": method_help()}, panel="Merge settings",
+    types={"alpha": str}, helps={"method": method_help(), "preset": presets_help()},
+    panel="Merge settings",
     ranges={"zip_a": (0, 1), "zip_b": (0, 1), "max_sweeps": (1, None), "patience": (1, None),
             "tolerance": (0, None), "seed": (0, None)},
 )  # fmt: skip
@@ -172,7 +174,7 @@ def merge_command(
     check_output(output, [*checkpoints, *([calibration] if calibration else [])])
     refuse_existing(output, force)
     dev = distributed.local_device(resolve_device(device))
-    config = MergeConfig(**settings, device=str(dev), stop_at=_stop_at(stop_at, stop_after_spaces))
+    config = _config(settings, str(dev), _stop_at(stop_at, stop_after_spaces))
     if len(checkpoints) < 2:
         raise ConfigError("merge needs at least two checkpoints")
     if calibration is not None and data is not None:
@@ -200,6 +202,15 @@ def merge_command(
         emit_json({"output": str(output), **card})
     else:
         _report(output, result)
+
+
+def _config(settings: dict[str, Any], device: str, stop_at: str | int | None) -> MergeConfig:
+    """The ``--preset``'s config with the options the user gave on top (a default does not
+    override the preset's value)."""
+    explicit = {k: v for k, v in given(settings).items() if k != "preset"}
+    if stop_at is not None:
+        explicit["stop_at"] = stop_at
+    return MergeConfig.from_preset(settings["preset"], **explicit, device=device)
 
 
 def _auto_holdout(config: MergeConfig) -> float | None:

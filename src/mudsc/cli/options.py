@@ -18,6 +18,13 @@ from typing import Any, TypeVar
 
 import typer
 
+try:  # typer >= 0.26 carries its own copy of click
+    from typer._click.core import ParameterSource
+    from typer._click.globals import get_current_context
+except ImportError:  # older typer runs on click itself
+    from click import get_current_context  # type: ignore[no-redef]
+    from click.core import ParameterSource  # type: ignore[no-redef]
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -109,3 +116,11 @@ def config_options(
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def given(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of ``values`` that the user gave (command line or environment), not
+    their defaults: what overrides a preset.  Call it inside the running command."""
+    context = get_current_context()
+    chosen = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    return {k: v for k, v in values.items() if context.get_parameter_source(k) in chosen}

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from mudsc.similarity.activation import activation_similarity, dead_units, with_dead_ties
 from mudsc.similarity.dual import dual_similarity
-from mudsc.similarity.registry import ALPHA, SIMILARITIES, Similarity, WeightOf
+from mudsc.similarity.registry import (
+    ALPHA,
+    SIMILARITIES,
+    Similarity,
+    WeightOf,
+    with_weight_kind,
+)
 from mudsc.similarity.weight import WeightKind, WeightSimilarity, weight_similarity
 
 __all__ = [
@@ -23,4 +29,5 @@ __all__ = [
     "dual_similarity",
     "weight_similarity",
     "with_dead_ties",
+    "with_weight_kind",
 ]

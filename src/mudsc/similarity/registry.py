@@ -11,7 +11,7 @@ statistics (``activations``), weight similarities and therefore weight sweeps
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from torch import Tensor
@@ -45,6 +45,20 @@ class Similarity:
     def uses_alpha(self) -> bool:
         """Whether the weight share alpha changes the similarity (and can be searched)."""
         return any(p.name == "alpha" for p in self.params)
+
+
+def with_weight_kind(similarity: Similarity, kind: WeightKind) -> Similarity:
+    """``similarity`` reading the weight similarity of ``kind`` wherever it reads one (e.g.
+    Git Re-Basin on weight correlations, the authors' ``useperm``); a similarity without
+    weight sweeps is returned unchanged."""
+    if similarity.weights is None or similarity.weights == kind:
+        return similarity
+    compute = similarity.compute
+
+    def swapped(act: Tensor | None, weight: WeightOf, alpha: float) -> Tensor:
+        return compute(act, lambda _own: weight(kind), alpha)
+
+    return replace(similarity, compute=swapped, weights=kind)
 
 
 ALPHA = Param(
