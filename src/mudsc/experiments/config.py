@@ -304,7 +304,7 @@ def _merge_options(raw: Any, methods: tuple[str, ...], section: str = "merge") -
             raise _fail(f"{section}.{key}", _expected(hints[key]), value)
     for method in methods:
         try:
-            MergeConfig(method=method, **values)
+            MergeConfig.from_preset(method=method, **values)
         except MudscError as exc:
             raise ConfigError(f"config section {section!r}: {exc}") from None
         except TypeError as exc:  # a value of the wrong type inside MergeConfig's checks

@@ -148,8 +148,10 @@ def merge_key(settings: MergeSettings, method: str, group: MergeGroup, cfg: Expe
 
 
 def merge_config(settings: MergeSettings, method: str, device: Any) -> MergeConfig:
-    """The MergeConfig of one row's merges (alpha 0.5 for methods that do not use it)."""
-    return MergeConfig(
+    """The MergeConfig of one row's merges: the preset named under ``merge:`` (if any), the
+    row's other merge keys over it, and the experiment's own alpha (0.5 for methods that do
+    not use it) and stop point."""
+    return MergeConfig.from_preset(
         method=method,
         alpha=settings.alpha if METHODS[method].uses_alpha else 0.5,
         alpha_grid=settings.alpha_grid,
@@ -186,10 +188,13 @@ def run_merge(
 
 def folder_key(cfg: ExperimentConfig) -> dict[str, Any]:
     """What makes an output folder this experiment's own: the resolved config, less where
-    things live (output_dir, data_dir), the method list, the variants and the alpha score
-    (each merge is its own record keyed by them, so adding one resumes the folder)."""
+    things live (output_dir, data_dir) and every merge-level setting (methods, variants,
+    alpha, the merge and calibration sections): each merge is its own record keyed by its
+    resolved settings, so changing them resumes the folder with the sources reused."""
     config = jsonable(cfg.to_dict())
-    for where in ("output_dir", "data_dir", "methods", "variants", "alpha_score"):
+    merge_level = ("methods", "variants", "alpha", "alpha_grid", "alpha_score", "merge",
+                   "calibration")  # fmt: skip
+    for where in ("output_dir", "data_dir", *merge_level):
         config.pop(where, None)
     return make_key(config)
 
