@@ -83,6 +83,8 @@ def _cases() -> dict[str, Callable[[], dict[str, Any]]]:
         cases[f"ln-{method}"] = lambda m=method: _merge(_ln_models(), m)
     cases["bn-auto"] = lambda: _merge(_bn_models(), "mudsc-zip", alpha="auto",
                                       alpha_grid=(0.3, 0.7))  # fmt: skip
+    cases["ln-auto"] = lambda: _merge(_ln_models(), "mudsc-zip", alpha="auto",
+                                      alpha_grid=(0.3, 0.7))  # fmt: skip
     cases["eval"] = _eval
     return cases
 

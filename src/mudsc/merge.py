@@ -133,6 +133,13 @@ class MergeConfig:
             "MergeConfig.from_preset and --preset apply it, explicit values win"
         ),
     )
+    alpha_repair_batches: int = field(
+        default=1,
+        metadata=_help(
+            "calibration batches used to repair each alpha candidate before scoring; the "
+            "winner is repaired on all of them; 0 = all"
+        ),
+    )
 
     def __post_init__(self) -> None:
         METHODS.get(self.method)
@@ -143,6 +150,7 @@ class MergeConfig:
         _check_zip(self.zip_a, self.zip_b)
         for name in ("max_sweeps", "patience"):
             _check_int(name, getattr(self, name), low=1)
+        _check_int("alpha_repair_batches", self.alpha_repair_batches, low=0)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
         if not _is_number(self.tolerance) or not 0 <= self.tolerance < math.inf:
@@ -313,7 +321,9 @@ def merge_models(
 
     With ``alpha="auto"``, ``score_fn`` receives each grid point's candidate result (model,
     matches, spec, alpha) and returns a score to maximise; one trace and one statistics pass
-    serve the whole grid.
+    serve the whole grid.  A candidate is repaired on the first ``alpha_repair_batches``
+    calibration batches only; the winner is then rebuilt from its matches and repaired on
+    all of them, so the returned model is the single-alpha merge at the chosen alpha.
     """
     cfg = config or MergeConfig()
     if not isinstance(cfg, MergeConfig):
@@ -354,7 +364,7 @@ def merge_models(
         start = break_dead_ties(engine, engine.initial())
     run = _Candidates(cfg, sources, states, traced, fit, held, engine, start, timer, score_fn)
     alphas = alpha_candidates(similarity, cfg)
-    best, scores = alpha_search(alphas, run.build, run.score, timer, progress)
+    best, scores = alpha_search(alphas, run, timer, progress)
     timer.seconds.setdefault("assignment", 0.0)
     return MergeResult(
         model=best.model.to(memory_format=torch.contiguous_format),
@@ -385,19 +395,39 @@ class _Candidates:
     timer: StageTimer
     score_fn: Callable[[MergeResult], float] | None
 
-    def build(self, alpha: float | None) -> Candidate:
-        """Sweep at ``alpha`` (none without weight similarity), apply, repair."""
-        cfg, timer = self.cfg, self.timer
-        matches, sweeps = self.start, 0
+    def build(self, alpha: float | None, trial: bool = False) -> Candidate:
+        """Sweep at ``alpha`` (none without weight similarity), apply, repair: on every fit
+        batch, or on the first ``alpha_repair_batches`` of them for a ``trial``."""
+        cfg, matches, sweeps = self.cfg, self.start, 0
         if alpha is not None:
-            with timer.stage("sweeps"):
+            with self.timer.stage("sweeps"):
                 limits = SweepLimits(cfg.max_sweeps, cfg.patience, cfg.tolerance, cfg.seed,
                                      cfg.sweep_rule)  # fmt: skip
                 matches, sweeps = self.engine.sweep(self.start, alpha, limits)
+        batches = self._trial_batches() if trial else self.fit
+        return self._assemble(alpha, matches, sweeps, batches)
+
+    def finish(self, candidate: Candidate) -> Candidate:
+        """The winning trial repaired on every fit batch.  Its matches are applied afresh
+        (REPAIR folded the trial's correction into its weights), so the result is the
+        single-alpha merge at its alpha; a trial that saw every batch is already that."""
+        if len(self._trial_batches()) == len(self.fit):
+            return candidate
+        return self._assemble(candidate.alpha, candidate.matches, candidate.sweeps, self.fit)
+
+    def _trial_batches(self) -> Sequence[Tensor]:
+        k = self.cfg.alpha_repair_batches
+        return self.fit[:k] if k else self.fit
+
+    def _assemble(
+        self, alpha: float | None, matches: dict[str, Match], sweeps: int, batches: Sequence[Tensor]
+    ) -> Candidate:
+        """``matches`` applied to the sources, repaired on ``batches``."""
+        cfg, timer = self.cfg, self.timer
         with timer.stage("apply"):
             merged = apply_stage(self.sources, self.states, self.traced, matches, cfg.stop_at)
         with timer.stage("repair"):
-            repair_stage(merged, self.sources, self.traced, matches, self.fit, cfg.repair,
+            repair_stage(merged, self.sources, self.traced, matches, batches, cfg.repair,
                          cfg.device)  # fmt: skip
         return Candidate(alpha, matches, sweeps, merged)
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -504,25 +504,37 @@ def agreement(merged: nn.Module, sources: Sequence[nn.Module], batches: Sequence
     return total / max(count, 1)
 
 
+class CandidateBuilder(Protocol):
+    """What the alpha search needs: candidates built per alpha (cheaply repaired when a
+    ``trial``), a score, and the winning trial completed."""
+
+    def build(self, alpha: float | None, trial: bool = False) -> Candidate: ...
+
+    def score(self, candidate: Candidate) -> float: ...
+
+    def finish(self, candidate: Candidate) -> Candidate: ...
+
+
 def alpha_search(
     alphas: Sequence[float | None],
-    build: Callable[[float | None], Candidate],
-    score: Callable[[Candidate], float],
+    builder: CandidateBuilder,
     timer: StageTimer,
     progress: Progress | None = None,
 ) -> tuple[Candidate, dict[float, float]]:
-    """Build a candidate per alpha and keep the best scoring one (a single alpha is built
-    and not scored).  Returns it with every alpha's score."""
+    """Build a trial candidate per alpha, keep the best scoring one and finish it (a single
+    alpha is built in full and not scored).  Returns it with every alpha's score.  A trial
+    is repaired on a few calibration batches only: the issue's budget is one statistics
+    pass plus cheap scoring per grid point, and the full repair is spent on the winner."""
     if len(alphas) == 1:
-        return build(alphas[0]), {}
+        return builder.build(alphas[0]), {}
     scores: dict[float, float] = {}
     best: Candidate | None = None
     best_value = 0.0
     for alpha in alphas:
-        candidate = build(alpha)
+        candidate = builder.build(alpha, trial=True)
         with timer.stage("alpha search"):
             candidate.model.eval()
-            value = score(candidate)
+            value = builder.score(candidate)
         scores[float(alpha)] = float(value)
         log.info("alpha %.2f: score %.4f", alpha, value)
         if progress:
@@ -530,4 +542,4 @@ def alpha_search(
         if best is None or value > best_value:
             best, best_value = candidate, value
     assert best is not None
-    return best, scores
+    return builder.finish(best), scores
