@@ -123,7 +123,7 @@ def hold_out(
     types={"alpha": str}, helps={"method": method_help(), "preset": presets_help()},
     panel="Merge settings",
     ranges={"zip_a": (0, 1), "zip_b": (0, 1), "max_sweeps": (1, None), "patience": (1, None),
-            "tolerance": (0, None), "seed": (0, None)},
+            "tolerance": (0, None), "seed": (0, None), "alpha_repair_batches": (0, None)},
 )  # fmt: skip
 def merge_command(
     checkpoints: list[Path] = typer.Argument(
