@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -49,10 +50,13 @@ def test_estimate_lists_spaces_memory_and_passes() -> None:
     assert est.spaces[0].matrix_bytes == 72 * 72 * 8
     assert {"statistics", "similarity", "solve", "sweeps", "apply", "repair"} <= set(est.stages)
     assert est.peak_bytes == max(est.stages.values()) > 2 * 72 * 72 * 8
-    # 3 models once over the fit set; REPAIR (no BatchNorm): 3 sources + the merged model
-    # per alpha candidate; scoring: merged + 3 sources per candidate
-    assert est.passes == {"statistics": 3, "repair (repair)": 8, "alpha scoring": 8}
+    # 3 models once over the fit set; REPAIR (no BatchNorm): 3 sources + the merged model,
+    # per alpha candidate on 1 of the 4 batches, then the winner on all of them (4 x 1.5);
+    # scoring: merged + 3 sources per candidate
+    assert est.passes == {"statistics": 3, "repair (repair)": 6, "alpha scoring": 8}
     assert json.dumps(est.to_dict())
+    every = plan_merge([mlp(24, 1), mlp(24, 2)], batches(), replace(cfg, alpha_repair_batches=0))
+    assert every.passes["repair (repair)"] == 3 * 2  # each candidate repaired on every batch
 
 
 SCRIPT = """

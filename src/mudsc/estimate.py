@@ -275,7 +275,7 @@ def estimate_merge(
         spaces=spaces,
         source_bytes=n * state,
         stages=stages,
-        passes=forward_passes(models[0], method, config, n, len(candidates)),
+        passes=forward_passes(models[0], method, config, n, len(candidates), len(batches)),
         batches=len(batches),
         examples=sum(len(b) for b in batches),
         notes=_notes(spaces),
@@ -302,16 +302,26 @@ def _candidates(method: Method, config: MergeConfig) -> list[float | None]:
 
 
 def forward_passes(
-    model: nn.Module, method: Method, config: MergeConfig, n_models: int, candidates: int
-) -> dict[str, int]:
+    model: nn.Module,
+    method: Method,
+    config: MergeConfig,
+    n_models: int,
+    candidates: int,
+    batches: int,
+) -> dict[str, float]:
     """Model passes over the calibration data per stage (one model over every batch of
-    its set is one pass): statistics (fit set), repair (fit set), alpha scoring (held-out
-    set, when alpha='auto' is scored on agreement)."""
+    its set is one pass): statistics (fit set), repair (fit set: with alpha='auto' each
+    candidate is repaired on ``alpha_repair_batches`` of the ``batches``, the winner on
+    all), alpha scoring (held-out set, when alpha='auto' is scored on agreement)."""
     mode = resolve_mode(config.repair, model)
     repair = {"bn": 1, "repair": n_models + 1}.get(mode, 0)
+    trial = 1.0
+    if candidates > 1 and config.alpha_repair_batches and batches:
+        trial = min(config.alpha_repair_batches, batches) / batches
+    repaired = candidates if candidates == 1 or trial == 1.0 else 1 + candidates * trial
     passes = {
         "statistics": n_models if method.needs_activations else 0,
-        f"repair ({mode})": repair * candidates,
+        f"repair ({mode})": round(repair * repaired, 2),
     }
     if candidates > 1:
         passes["alpha scoring"] = (n_models + 1) * candidates

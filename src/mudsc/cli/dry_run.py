@@ -63,7 +63,7 @@ def report(estimate: MergeEstimate) -> None:
         f"{human(free)} free: would NOT fit (the merge refuses; --no-memory-check overrides)"
     )  # fmt: skip
     console.print(f"  {'peak':<12} {human(e.peak_bytes):>12} ({e.peak_stage}); {verdict}")
-    passes = ", ".join(f"{k} {v}" for k, v in e.passes.items())
+    passes = ", ".join(f"{k} {v:g}" for k, v in e.passes.items())
     console.print(f"forward passes over the calibration data (one model, every batch): {passes}")
     for note in e.notes:
         console.print(note)
