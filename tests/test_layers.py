@@ -37,7 +37,8 @@ def test_the_zoo_layers_answer_as_the_old_tables_did() -> None:
     assert layer_type(nn.LayerNorm(3)).channel_axis == "last"
     assert layer_type(nn.Conv2d(2, 3, 1)).channel_axis == "first"
     assert layer_type(nn.GroupNorm(1, 3)).channel_axis == "first"
-    assert layer_type(nn.BatchNorm2d(3)).channel_axis is None  # reset, never REPAIRed
+    # reset by default; REPAIR, when asked for on a BatchNorm network, folds into it
+    assert layer_type(nn.BatchNorm2d(3)).channel_axis == "first"
     assert layer_type(nn.RMSNorm(3)).channel_axis is None  # no bias to fold into
     assert not has_batchnorm(nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3)))
     assert prefers_channels_last(nn.Sequential(nn.Conv2d(2, 3, 1)))

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from mudsc.merge import MergeConfig, merge_models
 from mudsc.models import create
-from mudsc.renorm import apply_repair, reset_batchnorm
+from mudsc.renorm import apply_repair, repair_layers, reset_batchnorm
 from mudsc.spaces import MergeSpec, permute_state, random_permutations, trace
 
 BATCH_COUNTS = (1, 2, 4, 8)
@@ -60,7 +60,7 @@ def _rel_err(model: nn.Module, ref: nn.Module, x: Tensor) -> float:
 
 
 @pytest.mark.parametrize("count", BATCH_COUNTS)
-@pytest.mark.parametrize("name", ["mlp", "resnet20-gn"])
+@pytest.mark.parametrize("name", ["mlp", "resnet20-gn", "resnet20"])
 def test_repair_leaves_a_perfect_merge_unchanged(name: str, count: int) -> None:
     model, other, spec = _pair(name)
     batches, x = _data(count)
@@ -92,3 +92,12 @@ def test_batchnorm_reset_of_a_perfect_merge_is_the_source_reset(count: int) -> N
     reset_batchnorm(ref, batches, "cpu")
     assert _rel_err(model, ref, x) > 1e-3  # the reset matters: the check below can fail
     assert _rel_err(merged.model, ref, x) <= 1e-9
+
+
+def test_repair_asked_for_on_a_batchnorm_network_corrects_its_batchnorms() -> None:
+    """A BatchNorm network is BN-reset by default; REPAIR, when asked for, folds into the
+    BatchNorms (eval mode: a per-channel affine map), else it would find only the head."""
+    model, _, spec = _pair("resnet20")
+    layers = repair_layers(model, spec)
+    norms = [n for n in layers if isinstance(dict(model.named_modules())[n], nn.BatchNorm2d)]
+    assert "bn1" in norms and len(norms) >= 19  # the stem, two per block, the shortcuts

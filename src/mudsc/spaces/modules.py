@@ -151,7 +151,12 @@ def _conv_transpose(ctx: Ctx) -> TDims:
     return _convolution(ctx, transposed=True)
 
 
-@register_layer(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, norm="batchnorm")
+# channel_axis: in eval mode a BatchNorm is a per-channel affine map, so REPAIR (asked for
+# on a BatchNorm network) corrects it; without it REPAIR found nothing to fold into there.
+@register_layer(
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, norm="batchnorm",
+    channel_axis="first",
+)  # fmt: skip
 def _batchnorm(ctx: Ctx) -> TDims:
     return _per_channel(ctx, 1)
 
