@@ -21,7 +21,7 @@ from mudsc.errors import ConfigError
 from mudsc.evaluate import HeadView, Report, embed, evaluate_embeddings
 from mudsc.experiments.classification_report import classification_report
 from mudsc.experiments.config import ExperimentConfig, MergeSettings
-from mudsc.experiments.pool import Ensure, MergeGroup, SourceJob
+from mudsc.experiments.pool import Ensure, Inputs, MergeGroup, SourceJob
 from mudsc.experiments.records import make_key, read_record, state_hash, write_record
 from mudsc.experiments.reports import ReportFiles, mean_std
 from mudsc.experiments.sources import build_model
@@ -269,8 +269,6 @@ class ClassificationPool:
             rows = self._source_rows(pair_dir, k, models, tasks, hashes, head, test, force)
             for i, s in enumerate(seconds):
                 rows[f"model {i}"]["train_seconds"] = s
-            prepare = self._preparer(k, tasks, models, head)
-            batches, score = prepare(cfg.settings()[0])
 
             def evaluate(result: MergeResult, tasks: list[list[int]] = tasks,
                          source: nn.Module = models[0]) -> dict[str, Any]:  # fmt: skip
@@ -284,10 +282,8 @@ class ClassificationPool:
                 models=models,
                 hashes=hashes,
                 key={"tasks": tasks},
-                batches=batches,
-                score=score,
+                inputs=self._inputs(k, tasks, models, head),
                 evaluate=evaluate,
-                prepare=prepare,
                 entry={
                     "pair": k,
                     "split_seed": cfg.split_seeds[k],
@@ -297,9 +293,9 @@ class ClassificationPool:
                 rows=rows,
             )
 
-    def _preparer(
+    def _inputs(
         self, k: int, tasks: list[list[int]], models: list[nn.Module], head: ClassEmbeddingHead
-    ) -> Callable[[MergeSettings], tuple[list[torch.Tensor], Callable[[MergeResult], float]]]:
+    ) -> Inputs:
         """Pair k's calibration draw and alpha score under one row's settings (pair k draws
         with ``seed + k``, so pairs see different images and variants of one pair the same
         ones wherever their calibration keys agree)."""

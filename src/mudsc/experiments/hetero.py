@@ -231,8 +231,7 @@ class HeteroPool:
             models=encoders,
             hashes=hashes,
             key={"tasks": pair, "keep_heads": keep_heads, "noise_std": self.hetero.noise_std},
-            batches=batches,
-            score=score,
+            inputs=lambda _settings: (batches, score),
             evaluate=evaluate,
             entry={"tasks": list(pair)},
         )

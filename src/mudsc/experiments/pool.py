@@ -39,18 +39,18 @@ class SourceJob(Generic[T]):
 
 Ensure = Callable[[SourceJob[Any]], tuple[Any, bool]]  # -> (artefact, reused)
 Score = Callable[[MergeResult], float]
-Prepare = Callable[[MergeSettings], tuple[list[Tensor], Score]]
+Inputs = Callable[[MergeSettings], tuple[list[Tensor], Score]]
 
 
 @dataclass
 class MergeGroup:
     """Sources merged together with every method, and how each merge is judged.
 
-    ``score`` ranks the candidates of ``alpha: auto`` (on images the statistics never
-    saw); ``evaluate`` gives the chosen merge's JSON-ready test numbers.  ``entry`` is the
-    group's identification in results.json and ``rows`` the rows known before merging.
-    ``prepare`` (pools that support variants) gives the calibration batches and the score
-    of one row's settings; without it every row uses ``batches`` and ``score``.
+    ``inputs`` gives, for one row's settings, the calibration batches and the score that
+    ranks the candidates of ``alpha: auto`` (on images the statistics never saw); pools
+    without variants return the same pair for every row.  ``evaluate`` gives the chosen
+    merge's JSON-ready test numbers.  ``entry`` is the group's identification in
+    results.json and ``rows`` the rows known before merging.
     """
 
     label: str
@@ -58,16 +58,10 @@ class MergeGroup:
     models: list[nn.Module]
     hashes: list[Any]
     key: dict[str, Any]
-    batches: list[Tensor]
-    score: Score
+    inputs: Inputs
     evaluate: Callable[[MergeResult], dict[str, Any]]
     entry: dict[str, Any] = field(default_factory=dict)
     rows: dict[str, dict[str, Any]] = field(default_factory=dict)
-    prepare: Prepare | None = None
-
-    def inputs(self, settings: MergeSettings) -> tuple[list[Tensor], Score]:
-        """The calibration batches and the alpha score for merges under ``settings``."""
-        return (self.batches, self.score) if self.prepare is None else self.prepare(settings)
 
 
 class TaskPool(Protocol):
