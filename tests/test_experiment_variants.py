@@ -143,3 +143,14 @@ def test_the_study_table_has_a_line_per_variant(study: tuple[Path, dict]) -> Non
         "(top level)", "small", "a0", "agree", "loss", "stop-1",
     ]  # fmt: skip
     assert lines[2].split("|")[2].strip() == ""  # a0 has no zipit row
+
+
+def test_a_variant_stop_point_the_model_lacks_is_refused_before_training(tmp_path: Path) -> None:
+    cfg = parse_config(
+        {**MICRO, "variants": [{"name": "x", "stop_at": "no.such.layer"}],
+         "output_dir": str(tmp_path / "o")}, name="s",
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="variants.*'x'.*no.such.layer") as exc:
+        runner.run_experiment(cfg)
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "o").exists()

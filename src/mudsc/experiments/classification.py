@@ -17,7 +17,7 @@ from torch import nn
 
 from mudsc.checkpoint import load_checkpoint, save_checkpoint
 from mudsc.data import ImageDataset, draw_calibration, parse_split, split_classes
-from mudsc.errors import ConfigError
+from mudsc.errors import ConfigError, MudscError
 from mudsc.evaluate import HeadView, Report, embed, evaluate_embeddings
 from mudsc.experiments.classification_report import classification_report
 from mudsc.experiments.config import ExperimentConfig, MergeSettings
@@ -29,8 +29,9 @@ from mudsc.merge import MergeResult
 from mudsc.methods import METHODS
 from mudsc.models.head import ClassEmbeddingHead
 from mudsc.modes import eval_mode
-from mudsc.partial import PartialMerge
+from mudsc.partial import PartialMerge, resolve_stop
 from mudsc.progress import Progress
+from mudsc.spaces.trace import trace_model
 from mudsc.stages import agreement
 from mudsc.train import train, train_config_dict
 
@@ -191,10 +192,24 @@ class ClassificationPool:
                 f"config key 'embed_dim' ({cfg.embed_dim}) must be >= the {data.num_classes} "
                 f"classes of {cfg.dataset} (one orthonormal embedding per class)"
             )
-        build_model(cfg, data)
+        model = build_model(cfg, data)
         for settings in cfg.settings():
             self._check_calibration(settings)
+        self._check_stops(model)
         return f"{cfg.pairs} pair(s), class splits {self.splits}"
+
+    def _check_stops(self, model: nn.Module) -> None:
+        """Every variant's partial-merge stop point resolves on the model, before training."""
+        settings = [s for s in self.cfg.settings() if s.stop_at is not None]
+        if not settings:
+            return
+        traced = trace_model(model.eval(), self.data.normalize(self.data.train_images[:2]),
+                             verify=False)  # fmt: skip
+        for s in settings:
+            try:
+                resolve_stop(traced, s.stop_at)
+            except MudscError as exc:
+                raise ConfigError(f"config key 'variants' ({s.label!r}): {exc}") from None
 
     def _check_calibration(self, settings: MergeSettings) -> None:
         cal, data = settings.calibration, self.data
